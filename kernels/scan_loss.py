@@ -1,0 +1,233 @@
+"""SCAN clustering loss (Van Gansbeke et al., 2020), exact and in log space.
+
+For every clustering head ``h`` with anchor logits ``a`` and neighbour logits
+``n`` of shape ``[B, C]``::
+
+    consistency_h = -mean_b log <softmax(a_b), softmax(n_b)>
+    entropy_h     = -sum_c pbar_c log(max(pbar_c, eps)),  pbar = mean_b softmax(a_b)
+    total_h       = consistency_h - entropy_weight * entropy_h
+
+The dot product is evaluated as ``logsumexp_c(log_softmax(a) + log_softmax(n))``
+so it stays finite and exact for logits of any magnitude (the original code
+clamps the similarity and feeds it to BCE, which saturates at ``log 0``).
+All arithmetic is fp32 for fp32/bf16/fp16 inputs (float64 inputs stay
+float64, for gradcheck); gradients reach both inputs.
+
+Distributed: ``scan_loss(..., process_group=g)`` makes ``pbar`` and the
+consistency mean run over the *global* batch (see :func:`scan_loss`).
+
+Backend status: only the pure-torch implementation exists.  A Triton kernel
+is pending; it will plug in behind :func:`_use_triton`, which currently always
+returns ``False``, so the public names keep their meaning.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["scan_loss", "scan_loss_reference", "partial_sums"]
+
+
+def _check_inputs(anchor_logits: Tensor, neighbor_logits: Tensor | None = None) -> None:
+    if not isinstance(anchor_logits, Tensor):
+        raise TypeError(f"anchor_logits must be a torch.Tensor, got {type(anchor_logits).__name__}")
+    if anchor_logits.ndim != 3:
+        raise ValueError(
+            "anchor_logits must have shape [heads, batch, classes] (ndim 3), "
+            f"got shape {tuple(anchor_logits.shape)}"
+        )
+    if anchor_logits.shape[2] < 1:
+        raise ValueError("anchor_logits needs at least one class (shape[2] >= 1)")
+    if not anchor_logits.is_floating_point():
+        raise TypeError(f"anchor_logits must be floating point, got {anchor_logits.dtype}")
+    if neighbor_logits is None:
+        return
+    if not isinstance(neighbor_logits, Tensor):
+        raise TypeError(f"neighbor_logits must be a torch.Tensor, got {type(neighbor_logits).__name__}")
+    if neighbor_logits.ndim != 3:
+        raise ValueError(
+            "neighbor_logits must have shape [heads, batch, classes] (ndim 3), "
+            f"got shape {tuple(neighbor_logits.shape)}"
+        )
+    if neighbor_logits.shape != anchor_logits.shape:
+        raise ValueError(
+            "anchor_logits and neighbor_logits must have the same shape [heads, batch, classes], "
+            f"got {tuple(anchor_logits.shape)} and {tuple(neighbor_logits.shape)}"
+        )
+    if not neighbor_logits.is_floating_point():
+        raise TypeError(f"neighbor_logits must be floating point, got {neighbor_logits.dtype}")
+    if neighbor_logits.device != anchor_logits.device:
+        raise ValueError(
+            f"anchor_logits is on {anchor_logits.device} but neighbor_logits is on {neighbor_logits.device}"
+        )
+
+
+def _compute_dtype(tensor: Tensor) -> torch.dtype:
+    # fp32 for fp32/bf16/fp16; float64 stays float64 so gradcheck is meaningful.
+    return torch.promote_types(tensor.dtype, torch.float32)
+
+
+def _use_triton(tensor: Tensor) -> bool:
+    """Seam for the pending Triton kernel; the torch path is used until it lands."""
+    return False
+
+
+# --------------------------------------------------------------------------- #
+# Pure-torch building blocks
+# --------------------------------------------------------------------------- #
+def _local_terms_torch(anchor_logits: Tensor, neighbor_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-rank sums: (sum_b -log<p_b, q_b> [H], sum_b softmax(a_b) [H, C])."""
+    dtype = _compute_dtype(anchor_logits)
+    log_p = torch.log_softmax(anchor_logits.to(dtype), dim=-1)
+    log_q = torch.log_softmax(neighbor_logits.to(dtype), dim=-1)
+    # log <p, q> = logsumexp(log p + log q): no underflow to log(0) even when the
+    # two distributions are confidently disjoint (logits of 1e4).
+    log_dot = torch.logsumexp(log_p + log_q, dim=-1)  # [H, B]
+    consistency_sum = -log_dot.sum(dim=-1)  # [H]
+    prob_sum = log_p.exp().sum(dim=1)  # [H, C]
+    return consistency_sum, prob_sum
+
+
+def _finish(consistency_sum: Tensor, prob_sum: Tensor, count: Tensor | float, entropy_weight: float,
+            eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    consistency = consistency_sum / count
+    pbar = prob_sum / count
+    # Clamp only inside the log (as the paper's 1e-8): an empty cluster then
+    # contributes 0 instead of 0 * -inf = NaN, and pbar itself stays unbiased.
+    entropy = -(pbar * torch.log(pbar.clamp_min(eps))).sum(dim=-1)
+    total = consistency - float(entropy_weight) * entropy
+    return total, consistency, entropy
+
+
+def partial_sums(anchor_logits: Tensor) -> tuple[Tensor, int]:
+    """Per-rank partial sums for the entropy term.
+
+    Returns ``(prob_sum, count)``: ``prob_sum[h, c] = sum_b softmax(anchor_logits[h, b])[c]``
+    in fp32 (float64 for float64 input; differentiable) and ``count = B``.  Summing both over ranks and
+    dividing gives the global ``pbar``; the engine can use this to build its own
+    reductions (e.g. for monitoring cluster sizes).
+    """
+    _check_inputs(anchor_logits)
+    prob_sum = torch.softmax(anchor_logits.to(_compute_dtype(anchor_logits)), dim=-1).sum(dim=1)
+    return prob_sum, int(anchor_logits.shape[1])
+
+
+def scan_loss_reference(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: float,
+                        eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
+    """Single-process SCAN loss, plain torch, log space.
+
+    Returns ``(total, consistency, entropy)``, each ``[H]`` fp32 (float64 for float64 inputs).
+    """
+    _check_inputs(anchor_logits, neighbor_logits)
+    batch = anchor_logits.shape[1]
+    if batch == 0:
+        raise ValueError("scan_loss needs a non-empty batch (anchor_logits.shape[1] == 0)")
+    consistency_sum, prob_sum = _local_terms_torch(anchor_logits, neighbor_logits)
+    return _finish(consistency_sum, prob_sum, float(batch), entropy_weight, eps)
+
+
+# --------------------------------------------------------------------------- #
+# Distributed reduction
+# --------------------------------------------------------------------------- #
+class _AllReduceSum(torch.autograd.Function):
+    """SUM all-reduce whose backward *averages* the incoming gradients over ranks.
+
+    Why not ``torch.distributed.nn.functional.all_reduce``: its backward sums
+    the incoming gradients over ranks (checked on torch 2.14).  Here every rank
+    computes the *same* global loss from the reduced tensor, so every rank gets
+    the same upstream gradient g and a sum hands each rank ``W * g``: the
+    gradient would be W times the single-process one.  Treating the W identical
+    per-rank losses as one objective, their *mean* is the global loss, so the
+    backward averages instead of summing.  Each rank then gets exactly
+    d(global loss)/d(its rows); if ranks pass different grad_outputs it gets the
+    gradient of their average, still well defined.  Owning the Function (rather
+    than rescaling torch's) keeps this independent of how a given torch version
+    defines that backward.
+    """
+
+    @staticmethod
+    def forward(ctx, tensor: Tensor, group) -> Tensor:  # type: ignore[override]
+        import torch.distributed as dist
+
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        import torch.distributed as dist
+
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
+        return grad / dist.get_world_size(ctx.group), None
+
+
+def _global_sum(tensor: Tensor, group) -> Tensor:
+    """Differentiable global sum with single-process gradients (see :class:`_AllReduceSum`)."""
+    return _AllReduceSum.apply(tensor, group)
+
+
+def _dist_active(process_group) -> bool:
+    if process_group is None:
+        return False
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("scan_loss got a process_group but torch.distributed is not initialised")
+    return dist.get_world_size(process_group) > 1
+
+
+def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: float, process_group=None,
+              eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
+    """SCAN loss per head.
+
+    Args:
+        anchor_logits, neighbor_logits: ``[H, B, C]`` logits (fp32/bf16/fp16).
+        entropy_weight: weight of the entropy term (the paper uses 5.0).
+        process_group: ``None`` for a single process.  When a group object is
+            passed (and its world size is > 1) the class-probability sum, the
+            sum of per-sample consistency terms and the batch size are summed
+            over the group in one differentiable all-reduce (whose backward
+            averages over ranks, see :class:`_AllReduceSum`), so ``pbar`` and the
+            consistency mean are over the global batch.  Then every rank returns
+            the global loss, and the gradient a rank gets w.r.t. its local
+            logits equals the single-process gradient of the global loss w.r.t.
+            those rows (not W times it).  Note that a
+            DDP-style gradient *average* over ranks of parameter gradients then
+            yields 1/W of the single-process parameter gradient; use a sum (or
+            scale by W) to recover it exactly.  Local batches may differ in size
+            (even be empty) as long as the global batch is non-empty.
+        eps: clamp for ``pbar`` inside the entropy's log.
+
+    Returns:
+        ``(total, consistency, entropy)``, each ``[H]`` fp32 (float64 for float64 inputs).
+    """
+    _check_inputs(anchor_logits, neighbor_logits)
+    distributed = _dist_active(process_group)
+    batch = anchor_logits.shape[1]
+    if batch == 0 and not distributed:
+        raise ValueError("scan_loss needs a non-empty batch (anchor_logits.shape[1] == 0)")
+
+    if _use_triton(anchor_logits):  # pragma: no cover - Triton path pending
+        raise NotImplementedError("Triton SCAN loss is not available yet")
+    consistency_sum, prob_sum = _local_terms_torch(anchor_logits, neighbor_logits)
+
+    if not distributed:
+        return _finish(consistency_sum, prob_sum, float(batch), entropy_weight, eps)
+
+    heads, classes = prob_sum.shape
+    # One collective for everything: [prob_sum (H*C) | consistency_sum (H) | count (1)].
+    # The count travels as fp32 (exact up to 2**24 samples) and carries no gradient.
+    count = torch.full((1,), float(batch), dtype=prob_sum.dtype, device=prob_sum.device)
+    packed = torch.cat([prob_sum.reshape(-1), consistency_sum, count])
+    reduced = _global_sum(packed, process_group)
+    g_prob_sum = reduced[: heads * classes].view(heads, classes)
+    g_consistency_sum = reduced[heads * classes: heads * classes + heads]
+    g_count = reduced[-1].detach()
+    # Only a rank with an empty local batch can see an empty global one; testing
+    # `batch == 0` first keeps the common path free of a device->host sync.
+    if batch == 0 and float(g_count) <= 0:
+        raise ValueError("scan_loss needs a non-empty global batch")
+    return _finish(g_consistency_sum, g_prob_sum, g_count, entropy_weight, eps)

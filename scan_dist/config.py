@@ -1,0 +1,328 @@
+"""The one configuration tree: dataclasses (with defaults and checks) <- preset YAML <- dotted CLI overrides.
+
+Every stage reads its settings from the resolved `Config`; the resolved tree is written to the run folder as
+`config.yaml`. Unknown keys and wrong types are errors that list the closest valid keys.
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from .errors import ConfigError
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class DataConfig:
+    path: str = ""  # dataset root folder; "" lets the preset's default apply
+    format: str = "auto"  # auto | idx | imagefolder | flat | imagenet | cifar10 | cifar100 | cifar20 | stl10
+    image_size: Optional[int] = None  # None: native size for array formats, 64 for image folders
+    channels: Optional[int] = None  # None: native channels (folders: 1 when every image is grayscale)
+    subset: Optional[str] = None  # imagenet50 | imagenet100 | imagenet200 (ImageNet layout only)
+    on_bad_image: str = "fail"  # fail | skip: what to do with an unreadable or truncated image
+    include_unlabeled: bool = False  # STL-10: add the unlabeled split to the training images
+    max_images: Optional[int] = None  # keep a seeded random subset of the training images (tests, smoke runs)
+    max_eval_images: Optional[int] = None  # same for the evaluation images
+    mean: Optional[List[float]] = None  # per-channel normalisation mean; None: measured on the training images
+    std: Optional[List[float]] = None  # per-channel normalisation std; None: measured on the training images
+    num_threads: int = 4  # image decoding threads
+
+    def __post_init__(self):
+        if self.on_bad_image not in ("fail", "skip"):
+            raise ConfigError(f"data.on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}")
+
+
+@dataclass
+class AugmentSettings:
+    crop_scale_min: float = 0.2  # random-resized-crop area range [min, 1]
+    flip: bool = True  # random horizontal flip
+    jitter_prob: float = 0.8  # colour jitter probability
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.0
+    strong_ops: int = 4  # RandAugment-style ops per strong view (self-labelling)
+    cutout_frac: float = 0.5  # cutout side as a fraction of the image size (strong view)
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "cnn_small"  # cnn_small | resnet18_cifar | resnet18_stl | resnet50
+    width: int = 32  # base channel width of cnn_small
+    projection_dim: int = 128  # SimCLR projection output size
+    head_hidden: int = 0  # 0: each cluster head is one linear layer; >0: an MLP with this hidden size
+    pretrained: Optional[str] = None  # checkpoint to start the backbone from (skips nothing by itself)
+    channels_last: bool = True  # memory format for convolutions (faster on CPU and GPU)
+
+
+@dataclass
+class PretextConfig:
+    epochs: int = 10
+    batch_size: int = 512
+    optimizer: str = "sgd"  # sgd | adam
+    lr: float = 0.4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 0.0
+    temperature: float = 0.1  # NT-Xent temperature
+    min_lr_ratio: float = 0.001  # cosine schedule floor as a fraction of lr (paper: 0.1**3)
+
+
+@dataclass
+class MineConfig:
+    k: int = 20  # neighbours per image (the image itself excluded)
+    features: str = "pretext"  # pretext | pixels | both: the space the neighbours are searched in
+    layer: str = "projection"  # pretext embedding used: projection (SimCLR head output) | backbone
+    pca_dims: int = 64  # dimensions of the pixel PCA used by features=pixels|both
+    backend: str = "auto"  # auto | torch | faiss | triton
+    eval_k: int = 5  # neighbours mined within the evaluation set (head selection only; no labels)
+
+
+@dataclass
+class ScanConfig:
+    mode: str = "full"  # full: backbone + heads on augmented views | head: heads only on frozen features
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "adam"  # adam | sgd
+    lr: float = 1e-4
+    backbone_lr: Optional[float] = None  # None: same as lr
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    num_heads: int = 5
+    entropy_weight: float = 5.0
+    view: str = "simclr"  # augmentation of anchor and neighbour: simclr | strong | weak | eval
+    select_entropy_weight: float = 1.0  # weight of the entropy in the head-selection loss (paper: 1)
+
+
+@dataclass
+class SelfLabelConfig:
+    enabled: bool = True
+    epochs: int = 5
+    batch_size: int = 512
+    optimizer: str = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    threshold: float = 0.99  # a sample becomes a pseudo-label when its max probability exceeds this
+    class_balance: bool = True  # average the cross-entropy per pseudo-class
+    ema_decay: float = 0.0  # >0: pseudo-labels come from an EMA teacher with this decay
+    view: str = "strong"  # augmentation the student is trained on: strong | simclr | weak
+
+
+@dataclass
+class DistConfig:
+    backend: str = "none"  # none | ddp | deepspeed (ddp/deepspeed: distributed engine issue)
+    zero_stage: int = 0
+
+
+@dataclass
+class RunConfig:
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    threads: Optional[int] = None  # torch intra-op threads; None: torch default
+    checkpoint_every_steps: int = 200  # stage checkpoints (resume after a kill)
+    progress: bool = True  # tqdm progress bars
+    eval_batch_size: int = 1024
+    baseline: bool = True  # compute the k-means-on-pixels baseline in the evaluate stage
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    num_clusters: int = 10
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretext: PretextConfig = field(default_factory=PretextConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    selflabel: SelfLabelConfig = field(default_factory=SelfLabelConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+_CHOICES = {
+    "data.format": ("auto", "idx", "imagefolder", "flat", "imagenet", "cifar10", "cifar100", "cifar20", "stl10"),
+    "model.backbone": ("cnn_small", "resnet18_cifar", "resnet18_stl", "resnet50"),
+    "pretext.optimizer": ("sgd", "adam"),
+    "mine.features": ("pretext", "pixels", "both"),
+    "mine.backend": ("auto", "torch", "faiss", "triton"),
+    "mine.layer": ("projection", "backbone"),
+    "scan.mode": ("full", "head"),
+    "scan.optimizer": ("sgd", "adam"),
+    "scan.view": ("simclr", "strong", "weak", "eval"),
+    "selflabel.optimizer": ("sgd", "adam"),
+    "selflabel.view": ("strong", "simclr", "weak"),
+    "dist.backend": ("none", "ddp", "deepspeed"),
+    "run.device": ("auto", "cpu", "cuda"),
+}
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _flat_keys(node: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in node.items():
+        full = f"{prefix}{key}"
+        keys.append(full)
+        if isinstance(value, dict):
+            keys.extend(_flat_keys(value, full + "."))
+    return keys
+
+
+_VALID_KEYS = _flat_keys(OmegaConf.to_container(OmegaConf.structured(Config)))
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, _VALID_KEYS, n=5, cutoff=0.5)
+    if not close:  # fall back to keys of the same section, then to the top level
+        section = key.split(".")[0] + "."
+        close = [k for k in _VALID_KEYS if k.startswith(section)][:8] or [k for k in _VALID_KEYS if "." not in k]
+    return ConfigError(f"unknown config key {key!r} in {where}; close valid keys: {', '.join(close)}")
+
+
+def _check_keys(tree: dict, where: str, prefix: str = "") -> None:
+    for key, value in tree.items():
+        full = f"{prefix}{key}"
+        if full not in _VALID_KEYS:
+            raise _unknown_key_error(full, where)
+        if isinstance(value, dict) and f"{full}." in {k[: len(full) + 1] for k in _VALID_KEYS}:
+            _check_keys(value, where, full + ".")
+
+
+def _load_yaml(path: Path, seen: tuple = ()) -> dict:
+    """A preset may start from another with `_base_: NAME`; the chain is merged base-first."""
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping of keys")
+    base = tree.pop("_base_", None)
+    if base is None:
+        return tree
+    if base in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {base!r}")
+    base_tree = _load_yaml(_resolve_preset_path(base), seen + (base,))
+    return OmegaConf.to_container(OmegaConf.merge(base_tree, tree))
+
+
+def _resolve_preset_path(name_or_path: str) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ConfigError(f"config file {name_or_path} does not exist")
+        return candidate
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if not preset.is_file():
+        close = difflib.get_close_matches(name_or_path, available_presets(), n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ConfigError(
+            f"unknown preset {name_or_path!r}{hint}; presets: {', '.join(available_presets())}; or pass a .yaml file"
+        )
+    return preset
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. scan.epochs=20)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if key not in _VALID_KEYS:
+        raise _unknown_key_error(key, "the command line")
+    value = yaml.safe_load(raw) if raw != "" else ""
+    return key, value
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+    node = tree
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def load_config(preset_or_yaml: str, overrides: list[str] | None = None) -> Config:
+    """Build the resolved Config: dataclass defaults <- preset (with its _base_ chain) <- key=value overrides."""
+    path = _resolve_preset_path(preset_or_yaml)
+    tree = _load_yaml(path)
+    _check_keys(tree, str(path))
+    for item in overrides or []:
+        key, value = _parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), tree)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "?"
+        message = str(exc).splitlines()[0]
+        raise ConfigError(f"bad value for {key}: {message}") from None
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks that a single dataclass cannot make."""
+    as_dict = to_dict(cfg)
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = as_dict[section][name]
+        if value not in choices:
+            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+    if cfg.num_clusters < 2:
+        raise ConfigError(f"num_clusters must be at least 2; got {cfg.num_clusters}")
+    positive = {
+        "pretext.batch_size": cfg.pretext.batch_size,
+        "scan.batch_size": cfg.scan.batch_size,
+        "selflabel.batch_size": cfg.selflabel.batch_size,
+        "scan.num_heads": cfg.scan.num_heads,
+        "mine.k": cfg.mine.k,
+        "run.eval_batch_size": cfg.run.eval_batch_size,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1; got {value}")
+    non_negative = {"pretext.epochs": cfg.pretext.epochs, "scan.epochs": cfg.scan.epochs,
+                    "selflabel.epochs": cfg.selflabel.epochs}
+    for key, value in non_negative.items():
+        if value < 0:
+            raise ConfigError(f"{key} must be >= 0; got {value}")
+    if not 0.0 < cfg.selflabel.threshold < 1.0:
+        raise ConfigError(f"selflabel.threshold must be in (0, 1); got {cfg.selflabel.threshold}")
+    if not 0.0 <= cfg.selflabel.ema_decay < 1.0:
+        raise ConfigError(f"selflabel.ema_decay must be in [0, 1); got {cfg.selflabel.ema_decay}")
+    if cfg.data.image_size is not None and cfg.data.image_size < 8:
+        raise ConfigError(f"data.image_size must be at least 8; got {cfg.data.image_size}")
+    if cfg.data.channels not in (None, 1, 3):
+        raise ConfigError(f"data.channels must be 1 or 3; got {cfg.data.channels}")
+    if cfg.dist.backend != "none":
+        raise ConfigError(
+            f"dist.backend={cfg.dist.backend} is not implemented yet (distributed engine pending); use dist.backend=none"
+        )
+
+
+def to_dict(cfg: Config) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def section_hash(*parts: Any) -> str:
+    """A short stable hash of config sections (and upstream hashes): a stage's identity for skip/resume."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]

@@ -1,0 +1,119 @@
+"""The run context handed to every stage: config, run folder, device, logger, and the datasets loaded once."""
+from __future__ import annotations
+
+import logging
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .config import Config
+from .data import augment
+from .data.datasets import ImageSet, open_dataset
+from .errors import DataError
+
+# What each format expects at data.path, for the message when the data is missing.
+LAYOUT_HINTS = {
+    "idx": "train-images-idx3-ubyte[.gz], train-labels-idx1-ubyte[.gz], t10k-images-idx3-ubyte[.gz], "
+           "t10k-labels-idx1-ubyte[.gz] (Fashion-MNIST: apt-get install dataset-fashion-mnist)",
+    "cifar10": "cifar-10-batches-py/ (data_batch_1..5, test_batch) from the CIFAR-10 python release",
+    "cifar100": "cifar-100-python/ (train, test) from the CIFAR-100 python release",
+    "cifar20": "cifar-100-python/ (train, test) from the CIFAR-100 python release",
+    "stl10": "stl10_binary/ (train_X.bin, train_y.bin, test_X.bin, test_y.bin, unlabeled_X.bin)",
+    "imagenet": "train/<wnid>/*.JPEG and val/<wnid>/*.JPEG (or a flat val/ with LOC_val_solution.csv)",
+    "imagefolder": "<class>/<image> folders (optionally under train/ and val/ or test/)",
+    "flat": "a folder of images (png/jpg), any size",
+    "auto": "one of the supported layouts (see README, 'Data')",
+}
+
+
+class RunContext:
+    def __init__(self, cfg: Config, run_dir: Path, logger: logging.Logger):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.log = logger
+        self.device = resolve_device(cfg.run.device)
+
+    def stage_dir(self, name: str) -> Path:
+        path = self.run_dir / name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def _open(self, split: str) -> ImageSet:
+        data = self.cfg.data
+        if not data.path or not Path(data.path).exists():
+            shown = data.path or "(empty)"
+            raise DataError(
+                f"data.path {shown} does not exist; preset {self.cfg.name!r} expects {data.format} data there: "
+                f"{LAYOUT_HINTS.get(data.format, LAYOUT_HINTS['auto'])}"
+            )
+        limit = data.max_images if split == "train" else data.max_eval_images
+        imageset = open_dataset(
+            data.path, split, fmt=data.format, image_size=data.image_size, channels=data.channels,
+            subset=data.subset, on_bad_image=data.on_bad_image, include_unlabeled=data.include_unlabeled,
+            max_images=limit, seed=self.cfg.run.seed, num_threads=data.num_threads, progress=self.cfg.run.progress,
+        )
+        if imageset.skipped:
+            self.log.warning("%s: skipped %d unreadable image(s), first: %s", split, len(imageset.skipped),
+                             imageset.skipped[0])
+        self.log.info("%s data: %s, %d images of %s", split, imageset.source, len(imageset),
+                      "x".join(map(str, imageset.images.shape[1:])))
+        return imageset
+
+    @cached_property
+    def train_set(self) -> ImageSet:
+        imageset = self._open("train")
+        if self.cfg.num_clusters > len(imageset):
+            raise DataError(f"num_clusters={self.cfg.num_clusters} is larger than the {len(imageset)} training images")
+        return imageset
+
+    @cached_property
+    def eval_set(self) -> ImageSet:
+        return self._open("eval")
+
+    @cached_property
+    def channels(self) -> int:
+        return int(self.train_set.images.shape[1])
+
+    @cached_property
+    def normalization(self) -> tuple[list[float], list[float]]:
+        """Per-channel mean/std: from the config, or measured on (up to 10k of) the training images."""
+        data = self.cfg.data
+        if data.mean is not None and data.std is not None:
+            return list(data.mean), list(data.std)
+        images = self.train_set.images[:10000].float() / 255.0
+        mean = images.mean(dim=(0, 2, 3)).tolist()
+        std = images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
+        return mean, std
+
+    def transform(self, kind: str):
+        """A batched augmentation (uint8 [B,C,S,S] -> normalised float) of the given kind."""
+        settings = self.cfg.augment
+        aug_cfg = augment.AugmentConfig(
+            crop_scale_min=settings.crop_scale_min, flip=settings.flip, jitter_prob=settings.jitter_prob,
+            brightness=settings.brightness, contrast=settings.contrast, saturation=settings.saturation,
+            hue=settings.hue, grayscale_prob=settings.grayscale_prob, blur_prob=settings.blur_prob,
+            strong_ops=settings.strong_ops, cutout_frac=settings.cutout_frac,
+        )
+        mean, std = self.normalization
+        base = augment.make_transform(kind, aug_cfg, mean, std)
+        memory_format = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
+
+        def apply(batch_uint8: torch.Tensor) -> torch.Tensor:
+            return base(batch_uint8.to(self.device, non_blocking=True)).contiguous(memory_format=memory_format)
+
+        return apply
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        model = model.to(self.device)
+        if self.cfg.model.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise DataError("run.device=cuda but no CUDA device is visible; use run.device=cpu or auto")
+    return torch.device(name)

@@ -1,0 +1,1 @@
+"""dist package of scan_dist."""

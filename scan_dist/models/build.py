@@ -1,0 +1,47 @@
+"""Builds the models of each stage from the config, and loads the previous stage's weights into them."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..config import Config
+from ..errors import DataError
+from ..io_utils import load_torch
+from .backbones import build_backbone
+from .heads import ClusterHeads, ClusterModel, SimCLRModel
+
+
+def simclr_model(cfg: Config, channels: int) -> SimCLRModel:
+    return SimCLRModel(build_backbone(cfg.model.backbone, channels, cfg.model.width), cfg.model.projection_dim)
+
+
+def cluster_model(cfg: Config, channels: int, num_heads: int) -> ClusterModel:
+    backbone = build_backbone(cfg.model.backbone, channels, cfg.model.width)
+    heads = ClusterHeads(backbone.out_dim, cfg.num_clusters, num_heads, cfg.model.head_hidden)
+    return ClusterModel(backbone, heads)
+
+
+def load_state(module: torch.nn.Module, path: Path, key: str | None = None) -> None:
+    """Strict load of a saved state dict (optionally nested under `key`), with a one-line error on mismatch."""
+    if not Path(path).is_file():
+        raise DataError(f"weights file {path} does not exist")
+    try:
+        state = load_torch(path)
+    except Exception as exc:  # a corrupt or foreign file: say which
+        raise DataError(f"cannot read weights file {path}: {exc}") from None
+    if key is not None:
+        state = state[key]
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise DataError(
+            f"weights file {path} does not match the model: {len(missing)} missing key(s) "
+            f"(e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})"
+        )
+
+
+def load_backbone_from(backbone: torch.nn.Module, path: Path) -> None:
+    """Load the `backbone.*` entries of a saved model (pretext or SCAN) into a bare backbone."""
+    state = load_torch(path)["model"]
+    prefix = "backbone."
+    backbone.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})

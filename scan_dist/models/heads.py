@@ -1,0 +1,76 @@
+"""Model heads: the SimCLR projection MLP and several cluster heads evaluated in one batched matmul."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+
+class ProjectionHead(nn.Module):
+    """SimCLR's MLP (Linear, ReLU, Linear); the output is L2-normalised."""
+
+    def __init__(self, in_dim: int, out_dim: int = 128):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(features), dim=1)
+
+
+class ClusterHeads(nn.Module):
+    """H independent heads (linear, or a one-hidden-layer MLP) -> logits [H, B, C].
+
+    The heads' weights are stacked so all heads run as one batched matmul instead of H small ones.
+    """
+
+    def __init__(self, in_dim: int, num_clusters: int, num_heads: int, hidden: int = 0):
+        super().__init__()
+        self.num_heads, self.num_clusters, self.hidden = num_heads, num_clusters, hidden
+        dims = [in_dim, hidden, num_clusters] if hidden > 0 else [in_dim, num_clusters]
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for d_in, d_out in zip(dims[:-1], dims[1:]):
+            bound = 1.0 / math.sqrt(d_in)  # nn.Linear's default initialisation, per head
+            self.weights.append(nn.Parameter(torch.empty(num_heads, d_in, d_out).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(num_heads, 1, d_out).uniform_(-bound, bound)))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = features.unsqueeze(0).expand(self.num_heads, -1, -1)
+        for layer, (w, b) in enumerate(zip(self.weights, self.biases)):
+            x = torch.baddbmm(b, x, w)
+            if layer < len(self.weights) - 1:
+                x = F.relu(x)
+        return x
+
+    def keep_head(self, head: int) -> "ClusterHeads":
+        """A one-head copy holding head `head` (self-labelling trains only the selected head)."""
+        single = ClusterHeads(self.weights[0].shape[1], self.num_clusters, 1, self.hidden)
+        with torch.no_grad():
+            for dst, src in zip(list(single.weights) + list(single.biases), list(self.weights) + list(self.biases)):
+                dst.copy_(src[head : head + 1])
+        return single
+
+
+class ClusterModel(nn.Module):
+    """Backbone + cluster heads: images -> logits [H, B, C]."""
+
+    def __init__(self, backbone: nn.Module, heads: ClusterHeads):
+        super().__init__()
+        self.backbone, self.heads = backbone, heads
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.heads(self.backbone(images))
+
+
+class SimCLRModel(nn.Module):
+    """Backbone + projection head: images -> L2-normalised embeddings."""
+
+    def __init__(self, backbone: nn.Module, projection_dim: int):
+        super().__init__()
+        self.backbone = backbone
+        self.projection = ProjectionHead(backbone.out_dim, projection_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.projection(self.backbone(images))

@@ -1,0 +1,139 @@
+"""The stage graph: pretext -> embed -> mine -> scan -> selflabel -> evaluate, with skip and resume.
+
+Each stage's identity is a hash of the config sections it reads chained with its upstream stage's hash. A stage
+whose `DONE` marker carries the same hash is skipped; any change upstream re-runs it and everything after it.
+A stage killed half-way resumes from its own checkpoint (see trainer.py). After the last stage the run folder gets
+`metrics.json` and `report.md` built from every stage's marker.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from . import report
+from .config import Config, section_hash
+from .context import RunContext
+from .io_utils import write_json
+from .stages import embed, evaluate, mine, pretext, scan, selflabel
+
+
+def _sections(cfg: Config) -> dict[str, list]:
+    return {
+        "pretext": [cfg.data, cfg.augment, cfg.model, cfg.pretext, cfg.run.seed],
+        "embed": [cfg.mine.layer],
+        "mine": [cfg.mine],
+        "scan": [cfg.scan, cfg.num_clusters, cfg.augment],
+        "selflabel": [cfg.selflabel],
+        "evaluate": [cfg.run.baseline],
+    }
+
+
+STAGES: dict[str, Callable] = {
+    "pretext": pretext.run,
+    "embed": embed.run,
+    "mine": mine.run,
+    "scan": scan.run,
+    "selflabel": selflabel.run,
+    "evaluate": evaluate.run,
+}
+
+
+def stage_hashes(cfg: Config) -> dict[str, str]:
+    hashes, upstream = {}, ""
+    for name, parts in _sections(cfg).items():  # seed is part of pretext's section, so every hash carries it
+        plain = [asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts]
+        upstream = hashes[name] = section_hash(name, plain, upstream)
+    return hashes
+
+
+def active_stages(cfg: Config) -> list[str]:
+    return [name for name in STAGES if name != "selflabel" or cfg.selflabel.enabled]
+
+
+def read_marker(run_dir: Path, stage: str) -> dict | None:
+    path = run_dir / stage / "DONE"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+
+
+def plan(cfg: Config, run_dir: Path) -> list[tuple[str, str]]:
+    """(stage, 'run' | 'skip (done)') for each active stage, as the next launch would do it."""
+    hashes, rows, rerun = stage_hashes(cfg), [], False
+    for name in active_stages(cfg):
+        marker = read_marker(run_dir, name)
+        done = not rerun and marker is not None and marker.get("config_hash") == hashes[name]
+        rerun = rerun or not done
+        rows.append((name, "skip (done)" if done else "run"))
+    return rows
+
+
+def run_pipeline(ctx: RunContext) -> dict:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    hashes = stage_hashes(cfg)
+    seconds: dict[str, float] = {}
+    stage_metrics: dict[str, dict] = {}
+    for name, action in plan(cfg, run_dir):
+        if action == "run":
+            (run_dir / name / "DONE").unlink(missing_ok=True)  # a re-run stage is not done until it finishes
+            ctx.log.info("stage %s: running", name)
+            torch.manual_seed(int(hashes[name], 16) % (2**63))  # each stage starts from its own seed: resumable
+            start = time.perf_counter()
+            result = STAGES[name](cfg, ctx, hashes[name])
+            elapsed = time.perf_counter() - start
+            (run_dir / name / "checkpoint.pt").unlink(missing_ok=True)
+            write_json(run_dir / name / "DONE", {"config_hash": hashes[name], "seconds": elapsed, **result})
+            ctx.log.info("stage %s: done in %.1f s", name, elapsed)
+        else:
+            ctx.log.info("stage %s: skipped (done with the same config)", name)
+        marker = read_marker(run_dir, name)
+        seconds[name] = marker["seconds"]
+        stage_metrics[name] = {"seconds": marker["seconds"], **marker.get("metrics", {})}
+    return summarize(ctx, seconds, stage_metrics)
+
+
+def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict) -> dict:
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    evaluation = stage_metrics["evaluate"]
+    final = evaluation["final"]
+    summary = {
+        "acc": final.get("acc"), "nmi": final.get("nmi"), "ari": final.get("ari"), "ami": final.get("ami"),
+        "final": final,
+        "baseline_kmeans_pixels": evaluation.get("kmeans_pixels"),
+        "stages": stage_metrics,
+        "seconds": {**seconds, "total": sum(seconds.values())},
+        "preset": cfg.name,
+    }
+    write_json(run_dir / "metrics.json", summary)
+    config_summary = {"preset": cfg.name, "num_clusters": cfg.num_clusters, "data.path": cfg.data.path,
+                      "model.backbone": cfg.model.backbone, "pretext.epochs": cfg.pretext.epochs,
+                      "mine.k": cfg.mine.k, "mine.features": cfg.mine.features, "scan.mode": cfg.scan.mode,
+                      "scan.epochs": cfg.scan.epochs, "scan.num_heads": cfg.scan.num_heads,
+                      "selflabel.enabled": cfg.selflabel.enabled, "selflabel.epochs": cfg.selflabel.epochs,
+                      "seed": cfg.run.seed}
+    report.write_report_md(run_dir / "report.md", {**final, "stages": _numeric_stage_metrics(stage_metrics)},
+                           seconds, config_summary, evaluation.get("kmeans_pixels"))
+    return summary
+
+
+def _numeric_stage_metrics(stage_metrics: dict) -> dict:
+    """Only the scalar entries of each stage's metrics, for the report's per-stage table."""
+    out = {}
+    for stage, values in stage_metrics.items():
+        flat = {}
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                flat[key] = value
+            elif isinstance(value, dict):
+                flat.update({f"{key}.{k}": v for k, v in value.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        out[stage] = flat
+    return out

@@ -1,0 +1,1 @@
+"""stages package of scan_dist."""

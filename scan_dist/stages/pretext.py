@@ -1,0 +1,50 @@
+"""Stage 1, pretext: SimCLR (two augmented views per image, NT-Xent) trains the backbone without labels."""
+from __future__ import annotations
+
+import torch
+
+from ..io_utils import save_torch
+from ..losses import nt_xent
+from ..models import build
+from ..trainer import Schedule, run_epochs, steps_per_epoch
+from .common import make_optimizer
+
+ARTIFACT = "model.pt"
+
+
+def run(cfg, ctx, config_hash: str) -> dict:
+    out = ctx.stage_dir("pretext") / ARTIFACT
+    model = ctx.prepare_model(build.simclr_model(cfg, ctx.channels))
+    if cfg.model.pretrained:
+        build.load_state(model.backbone, cfg.model.pretrained)
+        ctx.log.info("pretext: backbone loaded from %s (model.pretrained); SimCLR training skipped",
+                     cfg.model.pretrained)
+        history = []
+    else:
+        history = _train(cfg, ctx, model, config_hash)
+    save_torch(out, {"model": model.state_dict()})
+    return {"artifacts": {"model": str(out)}, "metrics": {"final_loss": history[-1]["loss"]} if history else {}}
+
+
+def _train(cfg, ctx, model, config_hash: str) -> list[dict]:
+    p = cfg.pretext
+    images = ctx.train_set.images
+    view = ctx.transform("simclr")
+    optimizer = make_optimizer(p.optimizer, [{"params": model.parameters(), "lr": p.lr}], p.weight_decay, p.momentum)
+    per_epoch = steps_per_epoch(len(images), p.batch_size)
+    schedule = Schedule([p.lr], total_steps=p.epochs * per_epoch, warmup_steps=int(p.warmup_epochs * per_epoch),
+                        cosine=True, min_ratio=p.min_lr_ratio)
+    model.train()
+
+    def step(indices: torch.Tensor) -> dict:
+        batch = images[indices]
+        views = torch.cat([view(batch), view(batch)])
+        z = model(views)
+        loss = nt_xent(z[: len(indices)], z[len(indices):], p.temperature)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.item()}
+
+    return run_epochs(ctx, "pretext", config_hash, {"model": model, "optimizer": optimizer}, len(images),
+                      p.batch_size, p.epochs, step, optimizer, schedule)

@@ -1,0 +1,115 @@
+"""Stage 4, SCAN: cluster heads trained so an image and its mined neighbours agree, with an entropy term.
+
+`scan.mode=full` trains backbone and heads on augmented views of the anchor and of a sampled neighbour (the
+paper's CIFAR/STL recipe); `scan.mode=head` trains only the heads on frozen backbone features (the paper's ImageNet
+recipe; seconds per epoch). The head kept is the one with the lowest SCAN loss on the evaluation images and their
+own mined neighbours — the paper's label-free selection rule.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .. import kernels
+from ..io_utils import save_torch
+from ..losses import scan_objective
+from ..models import build
+from ..trainer import Schedule, run_epochs, steps_per_epoch
+from .common import infer, make_optimizer
+
+
+def sample_neighbors(indices: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
+    """A partner per anchor, uniform over its k neighbours and itself (the paper samples the image itself too)."""
+    k = neighbors.shape[1]
+    pick = torch.randint(0, k + 1, (len(indices),))
+    partners = neighbors[indices, pick.clamp(max=k - 1)]
+    return torch.where(pick == k, indices, partners)
+
+
+def selection_losses(logits: torch.Tensor, neighbors: torch.Tensor, entropy_weight: float) -> torch.Tensor:
+    """Per-head SCAN loss over every (image, neighbour) pair of the evaluation set: lower is better."""
+    k = neighbors.shape[1]
+    anchors = logits.repeat_interleave(k, dim=1)
+    partners = logits[:, neighbors.reshape(-1)]
+    total, _, _ = kernels.scan_loss(anchors, partners, entropy_weight)
+    return total
+
+
+def run(cfg, ctx, config_hash: str) -> dict:
+    s = cfg.scan
+    model = ctx.prepare_model(build.cluster_model(cfg, ctx.channels, s.num_heads))
+    build.load_backbone_from(model.backbone, ctx.run_dir / "pretext" / "model.pt")
+    neighbors = torch.from_numpy(np.load(ctx.run_dir / "mine" / "train_neighbors.npy"))
+
+    history = _train_full(cfg, ctx, model, neighbors, config_hash) if s.mode == "full" else \
+        _train_heads(cfg, ctx, model, neighbors, config_hash)
+
+    model.eval()
+    eval_logits = infer(ctx, model, ctx.eval_set.images, desc="scan select")
+    eval_neighbors = torch.from_numpy(np.load(ctx.run_dir / "mine" / "eval_neighbors.npy"))
+    losses = selection_losses(eval_logits, eval_neighbors, s.select_entropy_weight)
+    best = int(torch.argmin(losses))
+    ctx.log.info("scan: head selection losses %s -> head %d", [round(float(v), 4) for v in losses], best)
+    out = ctx.stage_dir("scan") / "model.pt"
+    save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist()})
+    metrics = {"best_head": best, "selection_losses": [float(v) for v in losses]}
+    if history:
+        metrics.update({f"final_{k}": v for k, v in history[-1].items()})
+    return {"artifacts": {"model": str(out)}, "metrics": metrics}
+
+
+def _optimizer(cfg, model):
+    s = cfg.scan
+    groups = [{"params": model.heads.parameters(), "lr": s.lr}]
+    if s.mode == "full":
+        groups.append({"params": model.backbone.parameters(), "lr": s.backbone_lr or s.lr})
+    optimizer = make_optimizer(s.optimizer, groups, s.weight_decay, s.momentum)
+    return optimizer, [g["lr"] for g in groups]
+
+
+def _log_values(total, consistency, entropy) -> dict:
+    return {"loss": float(total.mean()), "consistency": float(consistency.mean()), "entropy": float(entropy.mean())}
+
+
+def _train_full(cfg, ctx, model, neighbors, config_hash):
+    s = cfg.scan
+    images = ctx.train_set.images
+    view = ctx.transform(s.view)
+    optimizer, lrs = _optimizer(cfg, model)
+    schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(len(images), s.batch_size))
+    model.train()
+
+    def step(indices):
+        partners = sample_neighbors(indices, neighbors)
+        logits = model(torch.cat([view(images[indices]), view(images[partners])]))
+        loss, total, consistency, entropy = scan_objective(logits[:, : len(indices)], logits[:, len(indices):],
+                                                           s.entropy_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return _log_values(total, consistency, entropy)
+
+    return run_epochs(ctx, "scan", config_hash, {"model": model, "optimizer": optimizer}, len(images),
+                      s.batch_size, s.epochs, step, optimizer, schedule)
+
+
+def _train_heads(cfg, ctx, model, neighbors, config_hash):
+    s = cfg.scan
+    model.eval()  # frozen backbone: BatchNorm keeps its running statistics, as in the paper's head-only mode
+    features = infer(ctx, model.backbone, ctx.train_set.images, desc="scan features").to(ctx.device)
+    heads = model.heads
+    optimizer, lrs = _optimizer(cfg, model)
+    schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(len(features), s.batch_size))
+
+    def step(indices):
+        partners = sample_neighbors(indices, neighbors)
+        logits = heads(features[torch.cat([indices, partners]).to(ctx.device)])
+        loss, total, consistency, entropy = scan_objective(logits[:, : len(indices)], logits[:, len(indices):],
+                                                           s.entropy_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return _log_values(total, consistency, entropy)
+
+    return run_epochs(ctx, "scan", config_hash, {"model": model, "optimizer": optimizer}, len(features),
+                      s.batch_size, s.epochs, step, optimizer, schedule)

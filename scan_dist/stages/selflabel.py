@@ -1,0 +1,78 @@
+"""Stage 5, self-labelling: confident predictions (max prob > threshold) on a weak view become pseudo-labels;
+the network is trained on a strongly augmented view of the same images with (class-balanced) cross-entropy.
+
+Starts from the SCAN model with only its selected head. With `selflabel.ema_decay > 0` the pseudo-labels come from
+an exponential-moving-average teacher (a separate copy, used for the final model too) instead of the student.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from ..io_utils import load_torch, save_torch
+from ..losses import confident_targets, self_label_loss
+from ..models import build
+from ..trainer import Schedule, run_epochs, steps_per_epoch
+from .common import make_optimizer
+
+
+def load_scan_model(cfg, ctx):
+    """The SCAN model reduced to its selected head."""
+    saved = load_torch(ctx.run_dir / "scan" / "model.pt")
+    full = build.cluster_model(cfg, ctx.channels, cfg.scan.num_heads)
+    full.load_state_dict(saved["model"])
+    full.heads = full.heads.keep_head(saved["best_head"])
+    return full
+
+
+@torch.no_grad()
+def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float) -> None:
+    for t, s in zip(teacher.parameters(), student.parameters()):
+        t.lerp_(s, 1.0 - decay)
+    for t, s in zip(teacher.buffers(), student.buffers()):
+        t.copy_(s)
+
+
+def run(cfg, ctx, config_hash: str) -> dict:
+    sl = cfg.selflabel
+    model = ctx.prepare_model(load_scan_model(cfg, ctx))
+    teacher = copy.deepcopy(model).eval() if sl.ema_decay > 0 else None
+    images = ctx.train_set.images
+    weak, strong = ctx.transform("eval"), ctx.transform(sl.view)
+    optimizer = make_optimizer(sl.optimizer, [{"params": model.parameters(), "lr": sl.lr}], sl.weight_decay,
+                               sl.momentum)
+    schedule = Schedule([sl.lr], total_steps=sl.epochs * steps_per_epoch(len(images), sl.batch_size))
+    model.train()
+
+    def step(indices):
+        batch = images[indices]
+        if teacher is not None:
+            with torch.no_grad():
+                weak_logits = teacher(weak(batch))[0]
+            strong_logits = model(strong(batch))[0]
+        else:
+            # One forward for both views so BatchNorm sees them together (as the paper, in train mode).
+            logits = model(torch.cat([weak(batch), strong(batch)]))[0]
+            weak_logits, strong_logits = logits[: len(indices)].detach(), logits[len(indices):]
+        mask, labels = confident_targets(weak_logits, sl.threshold)
+        loss = self_label_loss(strong_logits, labels, mask, sl.class_balance)
+        if loss is None:
+            return {"confident": 0.0}
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if teacher is not None:
+            ema_update(teacher, model, sl.ema_decay)
+        return {"loss": loss.item(), "confident": float(mask.float().mean())}
+
+    stateful = {"model": model, "optimizer": optimizer}
+    if teacher is not None:
+        stateful["teacher"] = teacher
+    history = run_epochs(ctx, "selflabel", config_hash, stateful, len(images), sl.batch_size, sl.epochs, step,
+                         optimizer, schedule)
+    final = teacher if teacher is not None else model
+    out = ctx.stage_dir("selflabel") / "model.pt"
+    save_torch(out, {"model": final.state_dict()})
+    metrics = {f"final_{k}": v for k, v in history[-1].items()} if history else {}
+    return {"artifacts": {"model": str(out)}, "metrics": metrics}

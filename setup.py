@@ -1,0 +1,38 @@
+"""Installs the scan_dist package; kernels/ is installed as scan_dist.kernels."""
+from setuptools import setup
+
+setup(
+    name="scan_dist",
+    version="0.1.0",
+    description="Distributed, GPU-fast SCAN: learning to classify images without labels",
+    python_requires=">=3.10",
+    packages=[
+        "scan_dist",
+        "scan_dist.stages",
+        "scan_dist.data",
+        "scan_dist.models",
+        "scan_dist.dist",
+        "scan_dist.kernels",
+    ],
+    package_dir={"scan_dist.kernels": "kernels"},
+    package_data={
+        "scan_dist": ["presets/*.yaml"],
+        "scan_dist.data": ["imagenet_subsets/*.txt", "imagenet_subsets/*.md"],
+    },
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "numpy",
+        "omegaconf>=2.3",
+        "tqdm",
+        "scipy",
+        "scikit-learn",
+        "matplotlib",
+        "pillow",
+        "pyyaml",
+    ],
+    extras_require={
+        "test": ["pytest", "faiss-cpu"],
+        "faiss": ["faiss-cpu"],
+    },
+)
