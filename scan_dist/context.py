@@ -39,7 +39,8 @@ class RunContext:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
-    def _open(self, split: str) -> ImageSet:
+    def check_data_path(self) -> None:
+        """Fail at once, before any work, when the dataset folder is missing."""
         data = self.cfg.data
         if not data.path or not Path(data.path).exists():
             shown = data.path or "(empty)"
@@ -47,6 +48,10 @@ class RunContext:
                 f"data.path {shown} does not exist; preset {self.cfg.name!r} expects {data.format} data there: "
                 f"{LAYOUT_HINTS.get(data.format, LAYOUT_HINTS['auto'])}"
             )
+
+    def _open(self, split: str) -> ImageSet:
+        data = self.cfg.data
+        self.check_data_path()
         limit = data.max_images if split == "train" else data.max_eval_images
         imageset = open_dataset(
             data.path, split, fmt=data.format, image_size=data.image_size, channels=data.channels,

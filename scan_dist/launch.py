@@ -77,6 +77,7 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run_local(cfg: Config, run_dir: Path) -> int:
+    RunContext(cfg, run_dir, setup_logging(None)).check_data_path()
     run_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(run_dir)
     if cfg.run.threads:

@@ -296,23 +296,40 @@ def test_strong_op_table():
     assert ranges["shear_x"] == (0.0, 0.1, True)
 
 
+PUBLIC_OPS = {
+    "identity": lambda x, m: x,
+    "autocontrast": lambda x, m: A.autocontrast(x),
+    "equalize": lambda x, m: A.equalize(x),
+    "rotate": A.rotate,
+    "solarize": A.solarize,
+    "color": A.adjust_color,
+    "contrast": A.adjust_contrast,
+    "brightness": A.adjust_brightness,
+    "sharpness": A.adjust_sharpness,
+    "shear_x": A.shear_x,
+    "shear_y": A.shear_y,
+    "translate_x": A.translate_x,
+    "translate_y": A.translate_y,
+    "posterize": lambda x, m: A.posterize(x, torch.floor(m).clamp(4, 8)),
+}
+
+
 def test_strong_slot_applies_drawn_op_per_sample():
-    # Force the op ids: each sample must get exactly its own op.
-    x = torch.rand(len(A.STRONG_OPS) * 2, 3, 10, 10)
-    ids = torch.arange(len(A.STRONG_OPS)).repeat(2)
-    u = torch.rand(ids.shape[0])
-    neg = torch.zeros(ids.shape[0], dtype=torch.bool)
+    # Force the op ids (each op twice, one with a negated sign): every sample
+    # must get exactly its own op at its own magnitude.
+    n_ops = len(A.STRONG_OPS)
+    x = torch.rand(2 * n_ops, 3, 10, 10)
+    ids = torch.arange(n_ops).repeat(2)
+    u = torch.rand(2 * n_ops)
+    neg = torch.arange(2 * n_ops) >= n_ops
     y = A._BatchTransform._strong_slot(x, ids, u, neg)
-    sol = A.STRONG_OPS.index("solarize")
-    post = A.STRONG_OPS.index("posterize")
-    ident = A.STRONG_OPS.index("identity")
-    for i in (ident, ident + len(A.STRONG_OPS)):
-        assert torch.equal(y[i], x[i])
-    for i in (sol, sol + len(A.STRONG_OPS)):
-        assert torch.allclose(y[i : i + 1], A.solarize(x[i : i + 1], 256.0 * u[i]))
-    for i in (post, post + len(A.STRONG_OPS)):
-        bits = torch.floor(4 + 5 * u[i]).clamp(4, 8)
-        assert torch.allclose(y[i : i + 1], A.posterize(x[i : i + 1], bits))
+    for i in range(2 * n_ops):
+        name, _fn, lo, hi, signed = A._STRONG_TABLE[int(ids[i])]
+        mag = lo + (hi - lo) * u[i : i + 1]
+        if signed and neg[i]:
+            mag = -mag
+        expected = PUBLIC_OPS[name](x[i : i + 1], mag)
+        assert torch.allclose(y[i : i + 1], expected, atol=1e-6), name
 
 
 def test_strong_uses_every_op():

@@ -461,18 +461,15 @@ def _crop_flip_affine(
     return lin, torch.stack([tx, ty], -1)
 
 
-def _yiq_matrices(device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
-    )
-    # Exact numerical inverse so a zero hue shift is the identity up to rounding.
-    from_yiq = torch.linalg.inv(to_yiq)
-    return to_yiq.to(device, dtype), from_yiq.to(device, dtype)
+_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+# Exact numerical inverse (not the rounded textbook one) so a zero hue shift
+# is the identity up to float rounding.
+_FROM_YIQ = torch.linalg.inv(_TO_YIQ)
 
 
 def _hue_rotate(x: Tensor, shift: Tensor) -> Tensor:
     """Shift hue by ``shift`` turns: rotate the (I, Q) chroma plane, keep luma Y."""
-    to_yiq, from_yiq = _yiq_matrices(x.device, x.dtype)
+    to_yiq, from_yiq = _TO_YIQ.to(x.device, x.dtype), _FROM_YIQ.to(x.device, x.dtype)
     a = 2 * math.pi * shift
     cos, sin = torch.cos(a), torch.sin(a)
     one, zero = torch.ones_like(a), torch.zeros_like(a)
@@ -646,26 +643,24 @@ class _BatchTransform:
         sorted_ids, order = torch.sort(op_ids, stable=True)
         counts = torch.bincount(sorted_ids, minlength=len(_STRONG_TABLE)).tolist()
         xs = torch.split(x[order], counts)
-        mag = u[order].to(x.dtype)
-        lo = torch.tensor([e[2] for e in _STRONG_TABLE], dtype=x.dtype, device=x.device)[sorted_ids]
-        hi = torch.tensor([e[3] for e in _STRONG_TABLE], dtype=x.dtype, device=x.device)[sorted_ids]
-        signed = torch.tensor([e[4] for e in _STRONG_TABLE], device=x.device)[sorted_ids]
-        mag = lo + (hi - lo) * mag
-        mag = torch.where(signed & negate[order], -mag, mag)
-        mags = torch.split(mag, counts)
-
-        outs = []
-        for (_name, fn, *_), part, m in zip(_COLOUR_OPS, xs, mags):
-            if part.shape[0] > 0:
-                outs.append(fn(part, m))
+        us = torch.split(u[order].to(x.dtype), counts)
+        negs = torch.split(negate[order], counts)
         n_col = len(_COLOUR_OPS)
-        geo_parts = [(e[1], p, m) for e, p, m in zip(_GEOMETRIC_OPS, xs[n_col:], mags[n_col:]) if p.shape[0] > 0]
-        if geo_parts:
-            h, w = x.shape[-2:]
-            params = [fn(m, h, w) for fn, _p, m in geo_parts]
-            lin = torch.cat([p[0] for p in params])
-            shift = torch.cat([p[1] for p in params])
-            outs.append(_affine(torch.cat([p for _fn, p, _m in geo_parts]), lin, shift))
+        outs, geo = [], []
+        for op_id, (entry, part, up, neg) in enumerate(zip(_STRONG_TABLE, xs, us, negs)):
+            if part.shape[0] == 0:
+                continue
+            _name, fn, lo, hi, signed = entry
+            mag = lo + (hi - lo) * up
+            if signed:
+                mag = torch.where(neg, -mag, mag)
+            if op_id < n_col:
+                outs.append(fn(part, mag))
+            else:
+                geo.append((part, *fn(mag, *x.shape[-2:])))
+        if geo:
+            parts, lins, shifts = zip(*geo)
+            outs.append(_affine(torch.cat(parts), torch.cat(lins), torch.cat(shifts)))
         y = torch.cat(outs)
         result = torch.empty_like(y)
         result[order] = y

@@ -277,7 +277,7 @@ def open_dataset(
 
     if fmt in _ARRAY_LOADERS:
         source = _ARRAY_LOADERS[fmt](root, split, include_unlabeled)
-        return _finish_arrays(source, split, image_size, channels, max_images, seed)
+        return _finish_arrays(source, image_size, channels, max_images, seed)
 
     if fmt == "imagenet":
         files = _imagenet_files(root, split, subset)
@@ -343,7 +343,7 @@ class _ArraySource:
     details: list[str]  # split description for ImageSet.source
 
 
-def _finish_arrays(src: _ArraySource, split: str, image_size, channels, max_images, seed) -> ImageSet:
+def _finish_arrays(src: _ArraySource, image_size, channels, max_images, seed) -> ImageSet:
     total = sum(len(part.targets) for part in src.parts)
     keep = _choose_indices(total, max_images, seed)
     images, targets = _gather_parts(src.parts, keep)

@@ -1,0 +1,86 @@
+"""The command line: one-line errors with exit status 2, --dry-run, --nodes without SLURM, unlabelled folders."""
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from scan_dist.launch import main
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "scan_dist.launch", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def assert_one_line_error(result, *fragments, alone=True):
+    """Exit status 2, no traceback, the error as the last line (and the only one when `alone`: failed at once)."""
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: "), result.stderr
+    assert len(lines) == 1 or not alone, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[-1], (fragment, lines[-1])
+
+
+def test_unknown_key_is_one_line(tmp_path):
+    assert_one_line_error(run_cli("--run-dir", str(tmp_path), "smoke", "scan.epoch=2"), "scan.epoch",
+                          "scan.epochs")
+
+
+def test_missing_data_path_names_it(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = run_cli("--run-dir", str(tmp_path / "run"), "cifar10", f"data.path={missing}")
+    assert_one_line_error(result, str(missing), "cifar-10-batches-py")
+
+
+def test_nodes_without_slurm_points_to_local():
+    result = run_cli("--nodes", "2", "smoke")
+    assert_one_line_error(result, "--local", "--dry-run")
+
+
+def test_dry_run_prints_plan(tmp_path, capsys):
+    assert main(["--dry-run", "--run-dir", str(tmp_path), "smoke", "scan.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "pretext" in out and "run" in out
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_num_clusters_larger_than_images(tmp_path, fashion_mnist):
+    result = run_cli("--run-dir", str(tmp_path), "smoke", "data.max_images=20", "num_clusters=50",
+                     "run.progress=false")
+    assert_one_line_error(result, "num_clusters=50", "20", alone=False)
+
+
+def _write_images(folder, count, size, seed=0):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(count):
+        # three visually distinct families so clustering has something to find
+        family = i % 3
+        base = np.full((size, size + 3), 40 + 90 * family, dtype=np.uint8)
+        noise = rng.integers(0, 30, base.shape, dtype=np.uint8)
+        Image.fromarray(base + noise).convert("RGB").save(folder / f"img_{i:03d}.png")
+
+
+@pytest.mark.slow
+def test_unlabelled_folder_end_to_end(tmp_path):
+    _write_images(tmp_path / "photos", 48, 20)
+    run_dir = tmp_path / "run"
+    result = run_cli("--run-dir", str(run_dir), "smoke", f"data.path={tmp_path / 'photos'}", "data.format=auto",
+                     "data.image_size=16", "num_clusters=3", "mine.k=5", "mine.eval_k=3", "scan.batch_size=16",
+                     "pretext.batch_size=16", "selflabel.batch_size=16", "run.progress=false")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["acc"] is None and metrics["nmi"] is None
+    with open(run_dir / "assignments.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == ["path", "cluster", "confidence"]
+    assert len(rows) == 48 and rows[0]["path"].endswith("img_000.png")
+    assert all(0 <= int(r["cluster"]) < 3 for r in rows)
+    for name in ("report.md", "confusion.png", "prototypes.png"):
+        assert (run_dir / name).is_file()

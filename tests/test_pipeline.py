@@ -1,0 +1,85 @@
+"""End to end on the smoke preset (real Fashion-MNIST): artifacts, skip of finished stages, kill-and-resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scan_dist.config import load_config
+from scan_dist.pipeline import plan
+
+pytestmark = pytest.mark.slow
+
+
+def launch(run_dir: Path, *overrides: str, wait: bool = True):
+    cmd = [sys.executable, "-m", "scan_dist.launch", "--local", "--run-dir", str(run_dir), "smoke",
+           "run.progress=false", *overrides]
+    if not wait:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory, fashion_mnist):
+    run_dir = tmp_path_factory.mktemp("smoke") / "run"
+    result = launch(run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return run_dir, result
+
+
+def test_artifacts_and_metrics(smoke_run):
+    run_dir, result = smoke_run
+    for name in ("config.yaml", "metrics.json", "assignments.csv", "report.md", "confusion.png", "prototypes.png",
+                 "log.txt"):
+        assert (run_dir / name).is_file(), name
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("acc", "nmi", "ari", "ami"):
+        assert isinstance(metrics[key], float)
+    assert 0.0 <= metrics["acc"] <= 1.0
+    # better than chance (0.1) even after one short epoch per stage
+    assert metrics["acc"] > 0.2
+    assert set(metrics["stages"]) == {"pretext", "embed", "mine", "scan", "selflabel", "evaluate"}
+    assert all(metrics["stages"][s]["seconds"] > 0 for s in metrics["stages"])
+    assert metrics["baseline_kmeans_pixels"]["acc"] > 0.3
+    rows = (run_dir / "assignments.csv").read_text().splitlines()
+    assert rows[0] == "index,cluster,confidence" and len(rows) == 1 + 1000
+    assert "k-means on pixels" in result.stdout and "total" in result.stdout
+    assert "ACC" in (run_dir / "report.md").read_text()
+    assert not list(run_dir.rglob(".tmp-*")), "no temporary files may remain"
+    assert not list(run_dir.rglob("checkpoint.pt")), "finished stages drop their checkpoints"
+
+
+def test_rerun_skips_finished_stages(smoke_run):
+    run_dir, _ = smoke_run
+    cfg = load_config("smoke", ["run.progress=false"])
+    assert all(action == "skip (done)" for _, action in plan(cfg, run_dir))
+    # a changed SCAN setting re-runs scan and everything after it, not before
+    changed = load_config("smoke", ["run.progress=false", "scan.entropy_weight=4.0"])
+    assert dict(plan(changed, run_dir)) == {"pretext": "skip (done)", "embed": "skip (done)", "mine": "skip (done)",
+                                           "scan": "run", "selflabel": "run", "evaluate": "run"}
+
+
+def test_sigkill_mid_scan_resumes_to_same_metrics(smoke_run, tmp_path):
+    reference = json.loads((smoke_run[0] / "metrics.json").read_text())
+    run_dir = tmp_path / "killed"
+    proc = launch(run_dir, wait=False)
+    checkpoint = run_dir / "scan" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the SCAN stage wrote a checkpoint"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "scan" / "DONE").exists()
+    result = launch(run_dir)
+    assert result.returncode == 0, result.stdout + result.stderr
+    log = (run_dir / "log.txt").read_text()
+    assert "scan: resuming at epoch 1" in log
+    assert "stage pretext: skipped" in log
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("acc", "nmi", "ari", "ami"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
