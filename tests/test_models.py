@@ -1,0 +1,49 @@
+"""Backbones and heads: output shapes, batched heads equal separate linear layers, head selection copies."""
+import pytest
+import torch
+
+from scan_dist.errors import ConfigError
+from scan_dist.models.backbones import build_backbone
+from scan_dist.models.heads import ClusterHeads, ClusterModel, SimCLRModel
+
+
+@pytest.mark.parametrize("name, channels, size", [("cnn_small", 1, 28), ("cnn_small", 3, 20),
+                                                  ("resnet18_cifar", 3, 32), ("resnet18_stl", 1, 40)])
+def test_backbone_shapes(name, channels, size):
+    net = build_backbone(name, channels, width=8).eval()
+    out = net(torch.randn(2, channels, size, size))
+    assert out.shape == (2, net.out_dim)
+
+
+def test_unknown_backbone():
+    with pytest.raises(ConfigError, match="model.backbone"):
+        build_backbone("vgg", 3)
+
+
+def test_linear_heads_equal_separate_layers():
+    torch.manual_seed(0)
+    heads = ClusterHeads(in_dim=6, num_clusters=4, num_heads=3)
+    x = torch.randn(5, 6)
+    out = heads(x)
+    assert out.shape == (3, 5, 4)
+    for h in range(3):
+        expected = x @ heads.weights[0][h] + heads.biases[0][h]
+        assert torch.allclose(out[h], expected, atol=1e-6)
+
+
+def test_mlp_heads_and_keep_head():
+    torch.manual_seed(0)
+    heads = ClusterHeads(in_dim=6, num_clusters=4, num_heads=3, hidden=5)
+    x = torch.randn(7, 6)
+    single = heads.keep_head(2)
+    assert single.num_heads == 1
+    assert torch.allclose(single(x)[0], heads(x)[2], atol=1e-6)
+
+
+def test_models_compose():
+    backbone = build_backbone("cnn_small", 1, width=8)
+    model = ClusterModel(backbone, ClusterHeads(backbone.out_dim, 10, 2)).eval()
+    assert model(torch.randn(3, 1, 28, 28)).shape == (2, 3, 10)
+    simclr = SimCLRModel(build_backbone("cnn_small", 1, width=8), 16).eval()
+    z = simclr(torch.randn(3, 1, 28, 28))
+    assert z.shape == (3, 16) and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
