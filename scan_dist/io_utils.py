@@ -26,6 +26,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        # mkstemp makes 0600 files; artifacts are shared, so keep the old file's mode or use rw-r--r--
+        os.chmod(tmp, target.stat().st_mode & 0o777 if target.exists() else 0o644)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())  # the rename must never expose a file whose data is not on disk
         os.replace(tmp, target)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -9,13 +9,13 @@ or calling this module never changes the process-wide matplotlib backend.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
-import tempfile
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from .io_utils import atomic_path
 
 __all__ = [
     "atomic_write_text",
@@ -36,45 +36,15 @@ _ARTIFACTS = (
 )
 
 
-@contextlib.contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yields a temporary path next to ``path``; it replaces ``path`` only if the block finishes.
-
-    The temporary file lives in the same folder because ``os.replace`` is only
-    atomic within one filesystem.
-    """
-    target = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(target))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(target) + ".", suffix=".tmp")
-    os.close(fd)
-    try:
-        yield tmp
-        # mkstemp creates 0600 files; artifacts are meant to be shared, so keep
-        # the old file's mode or fall back to the usual rw-r--r--.
-        try:
-            mode = os.stat(target).st_mode & 0o777
-        except FileNotFoundError:
-            mode = 0o644
-        os.chmod(tmp, mode)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Writes ``text`` (UTF-8) to ``path`` all-or-nothing."""
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
             fh.write(text)
 
 
 def _save_figure(fig: Any, path: str | os.PathLike) -> None:
-    with _atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         # The temporary name ends in .tmp, so the format cannot be inferred from it.
         fig.savefig(tmp, format="png")
 
