@@ -92,6 +92,7 @@ class MineConfig:
 @dataclass
 class ScanConfig:
     mode: str = "full"  # full: backbone + heads on augmented views | head: heads only on frozen features
+    init: str = "pretext"  # backbone start for mode=full: pretext (the paper) | random (the pretext then only mines)
     epochs: int = 10
     batch_size: int = 256
     optimizer: str = "adam"  # adam | sgd
@@ -160,6 +161,7 @@ _CHOICES = {
     "mine.backend": ("auto", "torch", "faiss", "triton"),
     "mine.layer": ("projection", "backbone"),
     "scan.mode": ("full", "head"),
+    "scan.init": ("pretext", "random"),
     "scan.optimizer": ("sgd", "adam"),
     "scan.view": ("simclr", "strong", "weak", "eval"),
     "selflabel.optimizer": ("sgd", "adam"),
@@ -308,6 +310,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_size must be at least 8; got {cfg.data.image_size}")
     if cfg.data.channels not in (None, 1, 3):
         raise ConfigError(f"data.channels must be 1 or 3; got {cfg.data.channels}")
+    if cfg.scan.mode == "head" and cfg.scan.init == "random":
+        raise ConfigError("scan.init=random needs scan.mode=full: frozen random features cannot be clustered")
     if cfg.dist.backend != "none":
         raise ConfigError(
             f"dist.backend={cfg.dist.backend} is not implemented yet (distributed engine pending); use dist.backend=none"

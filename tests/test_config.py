@@ -41,6 +41,7 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
 @pytest.mark.parametrize("override, fragment", [
     ("scan.epochs=abc", "scan.epochs"),
     ("scan.mode=fast", "scan.mode"),
+    ("scan.init=imagenet", "scan.init"),
     ("num_clusters=1", "num_clusters"),
     ("selflabel.threshold=1.5", "selflabel.threshold"),
     ("data.on_bad_image=ignore", "data.on_bad_image"),
@@ -81,3 +82,8 @@ def test_resolved_yaml_round_trips(tmp_path):
 def test_section_hash_is_stable_and_sensitive():
     assert section_hash({"a": 1}, "x") == section_hash({"a": 1}, "x")
     assert section_hash({"a": 1}) != section_hash({"a": 2})
+
+
+def test_random_init_needs_full_mode():
+    with pytest.raises(ConfigError, match="scan.init=random"):
+        load_config("demo", ["scan.init=random", "scan.mode=head"])

@@ -38,7 +38,8 @@ def selection_losses(logits: torch.Tensor, neighbors: torch.Tensor, entropy_weig
 def run(cfg, ctx, config_hash: str) -> dict:
     s = cfg.scan
     model = ctx.prepare_model(build.cluster_model(cfg, ctx.channels, s.num_heads))
-    build.load_backbone_from(model.backbone, ctx.run_dir / "pretext" / "model.pt")
+    if s.init == "pretext":
+        build.load_backbone_from(model.backbone, ctx.run_dir / "pretext" / "model.pt")
     neighbors = torch.from_numpy(np.load(ctx.run_dir / "mine" / "train_neighbors.npy"))
 
     history = _train_full(cfg, ctx, model, neighbors, config_hash) if s.mode == "full" else \
