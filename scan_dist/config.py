@@ -16,6 +16,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from .data.augment import AugmentConfig
 from .errors import ConfigError
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -39,21 +40,6 @@ class DataConfig:
     def __post_init__(self):
         if self.on_bad_image not in ("fail", "skip"):
             raise ConfigError(f"data.on_bad_image must be 'fail' or 'skip', got {self.on_bad_image!r}")
-
-
-@dataclass
-class AugmentSettings:
-    crop_scale_min: float = 0.2  # random-resized-crop area range [min, 1]
-    flip: bool = True  # random horizontal flip
-    jitter_prob: float = 0.8  # colour jitter probability
-    brightness: float = 0.4
-    contrast: float = 0.4
-    saturation: float = 0.4
-    hue: float = 0.1
-    grayscale_prob: float = 0.2
-    blur_prob: float = 0.0
-    strong_ops: int = 4  # RandAugment-style ops per strong view (self-labelling)
-    cutout_frac: float = 0.5  # cutout side as a fraction of the image size (strong view)
 
 
 @dataclass
@@ -143,7 +129,7 @@ class Config:
     name: str = "custom"
     num_clusters: int = 10
     data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # fields documented in data/augment.py
     model: ModelConfig = field(default_factory=ModelConfig)
     pretext: PretextConfig = field(default_factory=PretextConfig)
     mine: MineConfig = field(default_factory=MineConfig)
@@ -272,6 +258,8 @@ def load_config(preset_or_yaml: str, overrides: list[str] | None = None) -> Conf
         key = getattr(exc, "full_key", None) or "?"
         message = str(exc).splitlines()[0]
         raise ConfigError(f"bad value for {key}: {message}") from None
+    except ValueError as exc:  # AugmentConfig.__post_init__ is the one section check raising ValueError
+        raise ConfigError(f"bad value: augment.{exc}") from None
     validate(cfg)
     return cfg
 

@@ -93,15 +93,8 @@ class RunContext:
 
     def transform(self, kind: str):
         """A batched augmentation (uint8 [B,C,S,S] -> normalised float) of the given kind."""
-        settings = self.cfg.augment
-        aug_cfg = augment.AugmentConfig(
-            crop_scale_min=settings.crop_scale_min, flip=settings.flip, jitter_prob=settings.jitter_prob,
-            brightness=settings.brightness, contrast=settings.contrast, saturation=settings.saturation,
-            hue=settings.hue, grayscale_prob=settings.grayscale_prob, blur_prob=settings.blur_prob,
-            strong_ops=settings.strong_ops, cutout_frac=settings.cutout_frac,
-        )
         mean, std = self.normalization
-        base = augment.make_transform(kind, aug_cfg, mean, std)
+        base = augment.make_transform(kind, self.cfg.augment, mean, std)
         memory_format = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
 
         def apply(batch_uint8: torch.Tensor) -> torch.Tensor:

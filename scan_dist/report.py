@@ -16,6 +16,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .io_utils import atomic_path
+from .metrics import _to_numpy
 
 __all__ = [
     "atomic_write_text",
@@ -47,15 +48,6 @@ def _save_figure(fig: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         # The temporary name ends in .tmp, so the format cannot be inferred from it.
         fig.savefig(tmp, format="png")
-
-
-def _to_numpy(x: Any) -> np.ndarray:
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu()
-        if x.is_floating_point():
-            x = x.float()
-        return x.numpy()
-    return np.asarray(x)
 
 
 # ---------------------------------------------------------------- figures

@@ -4,10 +4,11 @@ faiss agreement, argument errors, and the 2-process sharded search."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+
+from gloo import free_port, gloo_group
 
 try:
     from scan_dist.kernels import knn, knn_faiss, knn_sharded
@@ -211,12 +212,6 @@ def test_sharded_without_process_group_is_knn():
 # --------------------------------------------------------------------------- #
 # 2-process sharded search
 # --------------------------------------------------------------------------- #
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _shard_data():
     gen = torch.Generator().manual_seed(99)
     queries = torch.randn(37, 72, generator=gen)
@@ -233,15 +228,7 @@ _CASES = [("even", 150), ("uneven", 211), ("small", 5)]
 
 
 def _shard_worker(rank, world, port, out_dir):
-    import datetime
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port) as dist:
         queries, keys, int_queries, int_keys = _shard_data()
         results = {}
         for name, cut in _CASES:
@@ -256,15 +243,13 @@ def _shard_worker(rank, world, port, out_dir):
         except ValueError as exc:
             results["error"] = str(exc)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.dist
 def test_sharded_two_processes_match_single(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_shard_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_shard_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     queries, keys, int_queries, int_keys = _shard_data()
 

@@ -4,10 +4,11 @@ extreme logits, gradcheck, and 2-process (gloo) equivalence with 1 process."""
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
+
+from gloo import free_port, gloo_group
 
 try:
     from scan_dist.kernels import partial_sums, scan_loss, scan_loss_reference
@@ -144,12 +145,6 @@ def test_shape_errors():
 # --------------------------------------------------------------------------- #
 # 2-process equivalence
 # --------------------------------------------------------------------------- #
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _dist_data():
     gen = torch.Generator().manual_seed(1234)
     a = 2 * torch.randn(2, 24, 7, generator=gen)
@@ -163,15 +158,7 @@ _SPLITS = [(12, 12), (17, 7)]
 
 
 def _dist_worker(rank, world, port, out_dir):
-    import datetime
-
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    try:
+    with gloo_group(rank, world, port) as dist:
         a, n, weights = _dist_data()
         results = []
         for split in _SPLITS:
@@ -182,15 +169,13 @@ def _dist_worker(rank, world, port, out_dir):
                 a[:, rows], n[:, rows], weights, 5.0)
             results.append({"outs": outs, "ga": ga, "gn": gn})
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.dist
 def test_two_processes_match_one(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     a, n, weights = _dist_data()

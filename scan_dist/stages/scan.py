@@ -68,8 +68,21 @@ def _optimizer(cfg, model):
     return optimizer, [g["lr"] for g in groups]
 
 
-def _log_values(total, consistency, entropy) -> dict:
-    return {"loss": float(total.mean()), "consistency": float(consistency.mean()), "entropy": float(entropy.mean())}
+def _scan_step(logits_fn, optimizer, neighbors, entropy_weight):
+    """One SCAN step; `logits_fn(anchors, partners)` returns the logits of both, anchors first."""
+
+    def step(indices):
+        partners = sample_neighbors(indices, neighbors)
+        logits = logits_fn(indices, partners)
+        loss, total, consistency, entropy = scan_objective(logits[:, : len(indices)], logits[:, len(indices):],
+                                                           entropy_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return {"loss": float(total.mean()), "consistency": float(consistency.mean()),
+                "entropy": float(entropy.mean())}
+
+    return step
 
 
 def _train_full(cfg, ctx, model, neighbors, config_hash):
@@ -79,17 +92,8 @@ def _train_full(cfg, ctx, model, neighbors, config_hash):
     optimizer, lrs = _optimizer(cfg, model)
     schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(len(images), s.batch_size))
     model.train()
-
-    def step(indices):
-        partners = sample_neighbors(indices, neighbors)
-        logits = model(torch.cat([view(images[indices]), view(images[partners])]))
-        loss, total, consistency, entropy = scan_objective(logits[:, : len(indices)], logits[:, len(indices):],
-                                                           s.entropy_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return _log_values(total, consistency, entropy)
-
+    step = _scan_step(lambda anchors, partners: model(torch.cat([view(images[anchors]), view(images[partners])])),
+                      optimizer, neighbors, s.entropy_weight)
     return run_epochs(ctx, "scan", config_hash, {"model": model, "optimizer": optimizer}, len(images),
                       s.batch_size, s.epochs, step, optimizer, schedule)
 
@@ -98,19 +102,9 @@ def _train_heads(cfg, ctx, model, neighbors, config_hash):
     s = cfg.scan
     model.eval()  # frozen backbone: BatchNorm keeps its running statistics, as in the paper's head-only mode
     features = infer(ctx, model.backbone, ctx.train_set.images, desc="scan features").to(ctx.device)
-    heads = model.heads
     optimizer, lrs = _optimizer(cfg, model)
     schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(len(features), s.batch_size))
-
-    def step(indices):
-        partners = sample_neighbors(indices, neighbors)
-        logits = heads(features[torch.cat([indices, partners]).to(ctx.device)])
-        loss, total, consistency, entropy = scan_objective(logits[:, : len(indices)], logits[:, len(indices):],
-                                                           s.entropy_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return _log_values(total, consistency, entropy)
-
+    step = _scan_step(lambda anchors, partners: model.heads(features[torch.cat([anchors, partners]).to(ctx.device)]),
+                      optimizer, neighbors, s.entropy_weight)
     return run_epochs(ctx, "scan", config_hash, {"model": model, "optimizer": optimizer}, len(features),
                       s.batch_size, s.epochs, step, optimizer, schedule)
