@@ -67,14 +67,26 @@ def _write_images(folder, count, size, seed=0):
         Image.fromarray(base + noise).convert("RGB").save(folder / f"img_{i:03d}.png")
 
 
+def _truncated_jpeg(path):
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
 @pytest.mark.slow
 def test_unlabelled_folder_end_to_end(tmp_path):
     _write_images(tmp_path / "photos", 48, 20)
+    _truncated_jpeg(tmp_path / "photos" / "broken.jpg")
     run_dir = tmp_path / "run"
-    result = run_cli("--run-dir", str(run_dir), "smoke", f"data.path={tmp_path / 'photos'}", "data.format=auto",
-                     "data.image_size=16", "num_clusters=3", "mine.k=5", "mine.eval_k=3", "scan.batch_size=16",
-                     "pretext.batch_size=16", "selflabel.batch_size=16", "run.progress=false")
+    args = ["--run-dir", str(run_dir), "smoke", f"data.path={tmp_path / 'photos'}", "data.format=auto",
+            "data.image_size=16", "num_clusters=3", "mine.k=5", "mine.eval_k=3", "scan.batch_size=16",
+            "pretext.batch_size=16", "selflabel.batch_size=16", "run.progress=false"]
+    failed = run_cli(*args)
+    assert_one_line_error(failed, "broken.jpg", alone=False)
+    assert not (run_dir / "metrics.json").exists()
+    result = run_cli(*args, "data.on_bad_image=skip")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert "skipped 1 unreadable image(s), first: broken.jpg" in (run_dir / "log.txt").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["acc"] is None and metrics["nmi"] is None
     with open(run_dir / "assignments.csv") as handle:
