@@ -78,6 +78,8 @@ class MineConfig:
 @dataclass
 class ScanConfig:
     mode: str = "full"  # full: backbone + heads on augmented views | head: heads only on frozen features
+    features: str = "backbone"  # what the heads read: backbone (the paper) | mined (the space the neighbours were
+    #                              mined in: pretext embedding and/or pixel PCA, see models/mined_space.py)
     init: str = "pretext"  # backbone start for mode=full: pretext (the paper) | random (the pretext then only mines)
     epochs: int = 10
     batch_size: int = 256
@@ -148,6 +150,7 @@ _CHOICES = {
     "mine.layer": ("projection", "backbone"),
     "scan.mode": ("full", "head"),
     "scan.init": ("pretext", "random"),
+    "scan.features": ("backbone", "mined"),
     "scan.optimizer": ("sgd", "adam"),
     "scan.view": ("simclr", "strong", "weak", "eval"),
     "selflabel.optimizer": ("sgd", "adam"),

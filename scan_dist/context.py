@@ -81,6 +81,10 @@ class RunContext:
         return int(self.train_set.images.shape[1])
 
     @cached_property
+    def pixel_shape(self) -> tuple[int, int, int]:
+        return tuple(int(d) for d in self.train_set.images.shape[1:])
+
+    @cached_property
     def normalization(self) -> tuple[list[float], list[float]]:
         """Per-channel mean/std: from the config, or measured on (up to 10k of) the training images."""
         data = self.cfg.data

@@ -1,7 +1,7 @@
 """Mining: self removal with duplicates, pixel PCA, and neighbours found in each search space."""
 import torch
 
-from scan_dist.stages.mine import drop_self, find_neighbors, pixel_pca
+from scan_dist.stages.mine import drop_self, find_neighbors, fit_pixel_pca, project_pixels
 
 
 def test_drop_self_wherever_it_is():
@@ -33,7 +33,7 @@ def test_pixel_pca_projects_onto_top_components():
     direction = torch.zeros(1, 1, 4, 4)
     direction[..., 1, 2] = 1.0
     images = (torch.rand(100, 1, 1, 1) * 200 * direction + 20).to(torch.uint8)
-    (train,) = pixel_pca(images, [], dims=3, seed=0)
+    train = project_pixels(images, *fit_pixel_pca(images, dims=3, seed=0))
     assert train.shape == (100, 3)
     variance = train.var(dim=0)
     assert variance[0] > 100 * variance[1:].max()

@@ -10,14 +10,22 @@ from ..errors import DataError
 from ..io_utils import load_torch
 from .backbones import build_backbone
 from .heads import ClusterHeads, ClusterModel, SimCLRModel
+from .mined_space import MinedSpace
 
 
 def simclr_model(cfg: Config, channels: int) -> SimCLRModel:
     return SimCLRModel(build_backbone(cfg.model.backbone, channels, cfg.model.width), cfg.model.projection_dim)
 
 
-def cluster_model(cfg: Config, channels: int, num_heads: int) -> ClusterModel:
-    backbone = build_backbone(cfg.model.backbone, channels, cfg.model.width)
+def cluster_model(cfg: Config, pixel_shape: tuple[int, int, int], num_heads: int) -> ClusterModel:
+    """Backbone + heads; with scan.features=mined the "backbone" is the mined space (weights loaded separately)."""
+    channels = pixel_shape[0]
+    if cfg.scan.features == "mined":
+        encoder = simclr_model(cfg, channels) if cfg.mine.features in ("pretext", "both") else None
+        pca_dims = cfg.mine.pca_dims if cfg.mine.features in ("pixels", "both") else 0
+        backbone = MinedSpace(encoder, cfg.mine.layer, pixel_shape, pca_dims)
+    else:
+        backbone = build_backbone(cfg.model.backbone, channels, cfg.model.width)
     heads = ClusterHeads(backbone.out_dim, cfg.num_clusters, num_heads, cfg.model.head_hidden)
     return ClusterModel(backbone, heads)
 

@@ -11,18 +11,22 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..io_utils import save_numpy
+from ..io_utils import save_numpy, save_torch
 from ..metrics import neighbor_agreement
 
 
-def pixel_pca(train_images: torch.Tensor, other: list[torch.Tensor], dims: int, seed: int) -> list[torch.Tensor]:
-    """Project flattened pixels on the top principal components of the training pixels."""
+def fit_pixel_pca(train_images: torch.Tensor, dims: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [1, P], basis [P, dims]) of the flattened training pixels in [0, 1]."""
     flat = train_images.reshape(len(train_images), -1).float() / 255.0
     mean = flat.mean(dim=0, keepdim=True)
     dims = min(dims, flat.shape[1], flat.shape[0])
     torch.manual_seed(seed)  # pca_lowrank is randomised
     _, _, basis = torch.pca_lowrank(flat - mean, q=dims, center=False, niter=4)
-    return [((x.reshape(len(x), -1).float() / 255.0) - mean) @ basis for x in [train_images] + other]
+    return mean, basis
+
+
+def project_pixels(images: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    return ((images.reshape(len(images), -1).float() / 255.0) - mean) @ basis
 
 
 def search_space(cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,9 +36,10 @@ def search_space(cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         parts_train.append(torch.from_numpy(np.load(ctx.run_dir / "embed" / "train.npy")))
         parts_eval.append(torch.from_numpy(np.load(ctx.run_dir / "embed" / "eval.npy")))
     if cfg.mine.features in ("pixels", "both"):
-        train_pca, eval_pca = pixel_pca(ctx.train_set.images, [ctx.eval_set.images], cfg.mine.pca_dims, cfg.run.seed)
-        parts_train.append(train_pca)
-        parts_eval.append(eval_pca)
+        mean, basis = fit_pixel_pca(ctx.train_set.images, cfg.mine.pca_dims, cfg.run.seed)
+        save_torch(ctx.stage_dir("mine") / "pca.pt", {"mean": mean, "basis": basis})  # read by scan.features=mined
+        for images, parts in ((ctx.train_set.images, parts_train), (ctx.eval_set.images, parts_eval)):
+            parts.append(project_pixels(images, mean, basis))
     train = torch.cat([F.normalize(p.float(), dim=1) for p in parts_train], dim=1)
     evals = torch.cat([F.normalize(p.float(), dim=1) for p in parts_eval], dim=1)
     return F.normalize(train, dim=1), F.normalize(evals, dim=1)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..io_utils import save_torch
+from ..io_utils import load_torch, save_torch
 from ..losses import scan_objective
 from ..models import build
 from ..trainer import Schedule, run_epochs, steps_per_epoch
@@ -35,10 +35,22 @@ def selection_losses(logits: torch.Tensor, neighbors: torch.Tensor, entropy_weig
     return total
 
 
+def load_mined_space(cfg, ctx, space) -> None:
+    """Fill the mined-space module with the pretext weights and the mine stage's pixel PCA."""
+    if space.encoder is not None:
+        build.load_state(space.encoder, ctx.run_dir / "pretext" / "model.pt", key="model")
+    if space.pca_dims:
+        pca = load_torch(ctx.run_dir / "mine" / "pca.pt")
+        mean, std = ctx.normalization
+        space.set_pca(pca["mean"], pca["basis"], mean, std)
+
+
 def run(cfg, ctx, config_hash: str) -> dict:
     s = cfg.scan
-    model = ctx.prepare_model(build.cluster_model(cfg, ctx.channels, s.num_heads))
-    if s.init == "pretext":
+    model = ctx.prepare_model(build.cluster_model(cfg, ctx.pixel_shape, s.num_heads))
+    if s.features == "mined":
+        load_mined_space(cfg, ctx, model.backbone)
+    elif s.init == "pretext":
         build.load_backbone_from(model.backbone, ctx.run_dir / "pretext" / "model.pt")
     neighbors = torch.from_numpy(np.load(ctx.run_dir / "mine" / "train_neighbors.npy"))
 

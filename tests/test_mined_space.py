@@ -1,0 +1,43 @@
+"""MinedSpace: on images it reproduces exactly the vectors the mine stage searched in (pretext, pixels, both)."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from scan_dist.data.augment import normalize
+from scan_dist.models.backbones import build_backbone
+from scan_dist.models.heads import SimCLRModel
+from scan_dist.models.mined_space import SCALE, MinedSpace
+from scan_dist.stages.mine import fit_pixel_pca, project_pixels
+
+
+@pytest.mark.parametrize("features, layer", [("both", "projection"), ("pixels", "projection"),
+                                             ("pretext", "backbone")])
+def test_matches_the_mined_vectors(features, layer):
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8)
+    mean, std = [0.4], [0.3]
+    encoder = SimCLRModel(build_backbone("cnn_small", 1, width=4), 8).eval() if features != "pixels" else None
+    pca_dims = 5 if features != "pretext" else 0
+    space = MinedSpace(encoder, layer, (1, 12, 12), pca_dims).eval()
+    parts = []  # what the mine stage computes
+    x = normalize(images, mean, std)
+    if encoder is not None:
+        with torch.no_grad():
+            parts.append(F.normalize(encoder(x) if layer == "projection" else encoder.backbone(x), dim=1))
+    if pca_dims:
+        pca_mean, basis = fit_pixel_pca(images, pca_dims, seed=0)
+        space.set_pca(pca_mean, basis, mean, std)
+        parts.append(F.normalize(project_pixels(images, pca_mean, basis), dim=1))
+    expected = F.normalize(torch.cat(parts, dim=1), dim=1) * SCALE
+    with torch.no_grad():
+        got = space(x)
+    assert got.shape == (40, space.out_dim)
+    assert torch.allclose(got, expected, atol=1e-4)
+
+
+def test_state_dict_carries_the_pca():
+    space = MinedSpace(None, "projection", (1, 4, 4), 3)
+    space.set_pca(torch.ones(1, 16), torch.full((16, 3), 2.0), [0.5], [0.25])
+    fresh = MinedSpace(None, "projection", (1, 4, 4), 3)
+    fresh.load_state_dict(space.state_dict())
+    assert torch.equal(fresh.pca_basis, space.pca_basis) and fresh.pixel_std.item() == 0.25
