@@ -47,7 +47,6 @@ class ModelConfig:
     backbone: str = "cnn_small"  # cnn_small | resnet18_cifar | resnet18_stl | resnet50
     width: int = 32  # base channel width of cnn_small
     projection_dim: int = 128  # SimCLR projection output size
-    head_hidden: int = 0  # 0: each cluster head is one linear layer; >0: an MLP with this hidden size
     pretrained: Optional[str] = None  # checkpoint to start the backbone from (skips nothing by itself)
     channels_last: bool = True  # memory format for convolutions (faster on CPU and GPU)
 
@@ -89,6 +88,7 @@ class ScanConfig:
     weight_decay: float = 1e-4
     momentum: float = 0.9
     num_heads: int = 5
+    head_hidden: int = 0  # 0: each cluster head is one linear layer; >0: an MLP with this hidden size
     entropy_weight: float = 5.0
     view: str = "simclr"  # augmentation of anchor and neighbour: simclr | strong | weak | eval
     select_entropy_weight: float = 1.0  # weight of the entropy in the head-selection loss (paper: 1)

@@ -27,7 +27,7 @@ def _sections(cfg: Config) -> dict[str, list]:
         "pretext": [cfg.data, cfg.augment, cfg.model, cfg.pretext, cfg.run.seed],
         "embed": [cfg.mine.layer],
         "mine": [cfg.mine],
-        "scan": [cfg.scan, cfg.num_clusters, cfg.augment],
+        "scan": [cfg.scan, cfg.num_clusters],
         "selflabel": [cfg.selflabel],
         "evaluate": [cfg.run.baseline],
     }

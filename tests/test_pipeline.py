@@ -15,6 +15,10 @@ from scan_dist.pipeline import plan
 pytestmark = pytest.mark.slow
 
 
+# The full-network SCAN path (the paper's CIFAR/STL recipe): slow enough per step for a kill to land mid-stage.
+FULL_SCAN = ("scan.mode=full", "scan.features=backbone")
+
+
 def launch(run_dir: Path, *overrides: str, wait: bool = True):
     cmd = [sys.executable, "-m", "scan_dist.launch", "--local", "--run-dir", str(run_dir), "smoke",
            "run.progress=false", *overrides]
@@ -26,7 +30,7 @@ def launch(run_dir: Path, *overrides: str, wait: bool = True):
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory, fashion_mnist):
     run_dir = tmp_path_factory.mktemp("smoke") / "run"
-    result = launch(run_dir)
+    result = launch(run_dir, *FULL_SCAN)
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir, result
 
@@ -55,10 +59,10 @@ def test_artifacts_and_metrics(smoke_run):
 
 def test_rerun_skips_finished_stages(smoke_run):
     run_dir, _ = smoke_run
-    cfg = load_config("smoke", ["run.progress=false"])
+    cfg = load_config("smoke", ["run.progress=false", *FULL_SCAN])
     assert all(action == "skip (done)" for _, action in plan(cfg, run_dir))
     # a changed SCAN setting re-runs scan and everything after it, not before
-    changed = load_config("smoke", ["run.progress=false", "scan.entropy_weight=4.0"])
+    changed = load_config("smoke", ["run.progress=false", *FULL_SCAN, "scan.entropy_weight=4.0"])
     assert dict(plan(changed, run_dir)) == {"pretext": "skip (done)", "embed": "skip (done)", "mine": "skip (done)",
                                            "scan": "run", "selflabel": "run", "evaluate": "run"}
 
@@ -66,7 +70,7 @@ def test_rerun_skips_finished_stages(smoke_run):
 def test_sigkill_mid_scan_resumes_to_same_metrics(smoke_run, tmp_path):
     reference = json.loads((smoke_run[0] / "metrics.json").read_text())
     run_dir = tmp_path / "killed"
-    proc = launch(run_dir, wait=False)
+    proc = launch(run_dir, *FULL_SCAN, wait=False)
     checkpoint = run_dir / "scan" / "checkpoint.pt"
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
@@ -75,7 +79,7 @@ def test_sigkill_mid_scan_resumes_to_same_metrics(smoke_run, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "scan" / "DONE").exists()
-    result = launch(run_dir)
+    result = launch(run_dir, *FULL_SCAN)
     assert result.returncode == 0, result.stdout + result.stderr
     log = (run_dir / "log.txt").read_text()
     assert "scan: resuming at epoch 1" in log
@@ -83,3 +87,15 @@ def test_sigkill_mid_scan_resumes_to_same_metrics(smoke_run, tmp_path):
     resumed = json.loads((run_dir / "metrics.json").read_text())
     for key in ("acc", "nmi", "ari", "ami"):
         assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+
+
+@pytest.mark.parametrize("overrides", [(), ("scan.features=backbone", "scan.head_hidden=0")],
+                         ids=["as-shipped", "heads-on-backbone"])
+def test_smoke_head_mode(tmp_path, fashion_mnist, overrides):
+    """Head-only SCAN end to end: on the mined space (the preset, as the demo) and on frozen backbone features
+    (the paper's ImageNet recipe)."""
+    run_dir = tmp_path / "run"
+    result = launch(run_dir, *overrides)
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["acc"] > 0.2 and metrics["stages"]["scan"]["best_head"] in range(3)

@@ -26,7 +26,7 @@ def cluster_model(cfg: Config, pixel_shape: tuple[int, int, int], num_heads: int
         backbone = MinedSpace(encoder, cfg.mine.layer, pixel_shape, pca_dims)
     else:
         backbone = build_backbone(cfg.model.backbone, channels, cfg.model.width)
-    heads = ClusterHeads(backbone.out_dim, cfg.num_clusters, num_heads, cfg.model.head_hidden)
+    heads = ClusterHeads(backbone.out_dim, cfg.num_clusters, num_heads, cfg.scan.head_hidden)
     return ClusterModel(backbone, heads)
 
 
