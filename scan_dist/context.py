@@ -85,6 +85,12 @@ class RunContext:
         return tuple(int(d) for d in self.train_set.images.shape[1:])
 
     @cached_property
+    def pca_dims(self) -> int:
+        """mine.pca_dims, capped by the pixel count and the number of training images (tiny data sets)."""
+        channels, height, width = self.pixel_shape
+        return min(self.cfg.mine.pca_dims, channels * height * width, len(self.train_set))
+
+    @cached_property
     def normalization(self) -> tuple[list[float], list[float]]:
         """Per-channel mean/std: from the config, or measured on (up to 10k of) the training images."""
         data = self.cfg.data

@@ -17,13 +17,13 @@ def simclr_model(cfg: Config, channels: int) -> SimCLRModel:
     return SimCLRModel(build_backbone(cfg.model.backbone, channels, cfg.model.width), cfg.model.projection_dim)
 
 
-def cluster_model(cfg: Config, pixel_shape: tuple[int, int, int], num_heads: int) -> ClusterModel:
+def cluster_model(cfg: Config, ctx, num_heads: int) -> ClusterModel:
     """Backbone + heads; with scan.features=mined the "backbone" is the mined space (weights loaded separately)."""
-    channels = pixel_shape[0]
+    channels = ctx.channels
     if cfg.scan.features == "mined":
         encoder = simclr_model(cfg, channels) if cfg.mine.features in ("pretext", "both") else None
-        pca_dims = cfg.mine.pca_dims if cfg.mine.features in ("pixels", "both") else 0
-        backbone = MinedSpace(encoder, cfg.mine.layer, pixel_shape, pca_dims)
+        pca_dims = ctx.pca_dims if cfg.mine.features in ("pixels", "both") else 0
+        backbone = MinedSpace(encoder, cfg.mine.layer, ctx.pixel_shape, pca_dims)
     else:
         backbone = build_backbone(cfg.model.backbone, channels, cfg.model.width)
     heads = ClusterHeads(backbone.out_dim, cfg.num_clusters, num_heads, cfg.scan.head_hidden)

@@ -81,7 +81,7 @@ def _cluster_sizes(predictions: torch.Tensor, num_clusters: int):
 def _score_scan_heads(cfg, ctx, targets) -> dict:
     """Every SCAN head's accuracy next to the one the label-free rule selected (diagnostic only)."""
     saved = load_torch(ctx.run_dir / "scan" / "model.pt")
-    model = build.cluster_model(cfg, ctx.pixel_shape, cfg.scan.num_heads)
+    model = build.cluster_model(cfg, ctx, cfg.scan.num_heads)
     model.load_state_dict(saved["model"])
     model = ctx.prepare_model(model).eval()
     logits = infer(ctx, model, ctx.eval_set.images, desc="score heads")

@@ -19,7 +19,6 @@ def fit_pixel_pca(train_images: torch.Tensor, dims: int, seed: int) -> tuple[tor
     """(mean [1, P], basis [P, dims]) of the flattened training pixels in [0, 1]."""
     flat = train_images.reshape(len(train_images), -1).float() / 255.0
     mean = flat.mean(dim=0, keepdim=True)
-    dims = min(dims, flat.shape[1], flat.shape[0])
     torch.manual_seed(seed)  # pca_lowrank is randomised
     _, _, basis = torch.pca_lowrank(flat - mean, q=dims, center=False, niter=4)
     return mean, basis
@@ -36,7 +35,7 @@ def search_space(cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         parts_train.append(torch.from_numpy(np.load(ctx.run_dir / "embed" / "train.npy")))
         parts_eval.append(torch.from_numpy(np.load(ctx.run_dir / "embed" / "eval.npy")))
     if cfg.mine.features in ("pixels", "both"):
-        mean, basis = fit_pixel_pca(ctx.train_set.images, cfg.mine.pca_dims, cfg.run.seed)
+        mean, basis = fit_pixel_pca(ctx.train_set.images, ctx.pca_dims, cfg.run.seed)
         save_torch(ctx.stage_dir("mine") / "pca.pt", {"mean": mean, "basis": basis})  # read by scan.features=mined
         for images, parts in ((ctx.train_set.images, parts_train), (ctx.eval_set.images, parts_eval)):
             parts.append(project_pixels(images, mean, basis))

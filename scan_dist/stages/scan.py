@@ -47,7 +47,7 @@ def load_mined_space(cfg, ctx, space) -> None:
 
 def run(cfg, ctx, config_hash: str) -> dict:
     s = cfg.scan
-    model = ctx.prepare_model(build.cluster_model(cfg, ctx.pixel_shape, s.num_heads))
+    model = ctx.prepare_model(build.cluster_model(cfg, ctx, s.num_heads))
     if s.features == "mined":
         load_mined_space(cfg, ctx, model.backbone)
     elif s.init == "pretext":

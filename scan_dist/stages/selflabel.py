@@ -20,7 +20,7 @@ from .common import make_optimizer
 def load_scan_model(cfg, ctx):
     """The SCAN model reduced to its selected head."""
     saved = load_torch(ctx.run_dir / "scan" / "model.pt")
-    full = build.cluster_model(cfg, ctx.pixel_shape, cfg.scan.num_heads)
+    full = build.cluster_model(cfg, ctx, cfg.scan.num_heads)
     full.load_state_dict(saved["model"])
     full.heads = full.heads.keep_head(saved["best_head"])
     return full
