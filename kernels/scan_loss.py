@@ -29,34 +29,27 @@ from torch import Tensor
 __all__ = ["scan_loss", "scan_loss_reference", "partial_sums"]
 
 
+def _check_logits(name: str, logits: Tensor) -> None:
+    if not isinstance(logits, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.ndim != 3:
+        raise ValueError(f"{name} must have shape [heads, batch, classes] (ndim 3), got shape {tuple(logits.shape)}")
+    if not logits.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {logits.dtype}")
+
+
 def _check_inputs(anchor_logits: Tensor, neighbor_logits: Tensor | None = None) -> None:
-    if not isinstance(anchor_logits, Tensor):
-        raise TypeError(f"anchor_logits must be a torch.Tensor, got {type(anchor_logits).__name__}")
-    if anchor_logits.ndim != 3:
-        raise ValueError(
-            "anchor_logits must have shape [heads, batch, classes] (ndim 3), "
-            f"got shape {tuple(anchor_logits.shape)}"
-        )
+    _check_logits("anchor_logits", anchor_logits)
     if anchor_logits.shape[2] < 1:
         raise ValueError("anchor_logits needs at least one class (shape[2] >= 1)")
-    if not anchor_logits.is_floating_point():
-        raise TypeError(f"anchor_logits must be floating point, got {anchor_logits.dtype}")
     if neighbor_logits is None:
         return
-    if not isinstance(neighbor_logits, Tensor):
-        raise TypeError(f"neighbor_logits must be a torch.Tensor, got {type(neighbor_logits).__name__}")
-    if neighbor_logits.ndim != 3:
-        raise ValueError(
-            "neighbor_logits must have shape [heads, batch, classes] (ndim 3), "
-            f"got shape {tuple(neighbor_logits.shape)}"
-        )
+    _check_logits("neighbor_logits", neighbor_logits)
     if neighbor_logits.shape != anchor_logits.shape:
         raise ValueError(
             "anchor_logits and neighbor_logits must have the same shape [heads, batch, classes], "
             f"got {tuple(anchor_logits.shape)} and {tuple(neighbor_logits.shape)}"
         )
-    if not neighbor_logits.is_floating_point():
-        raise TypeError(f"neighbor_logits must be floating point, got {neighbor_logits.dtype}")
     if neighbor_logits.device != anchor_logits.device:
         raise ValueError(
             f"anchor_logits is on {anchor_logits.device} but neighbor_logits is on {neighbor_logits.device}"
