@@ -125,9 +125,12 @@ def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict) -> dict:
 
 
 def _numeric_stage_metrics(stage_metrics: dict) -> dict:
-    """Only the scalar entries of each stage's metrics, for the report's per-stage table."""
+    """Only the scalar entries of each stage's metrics, for the report's per-stage table (the evaluation's own
+    scores and baseline have their table already)."""
     out = {}
     for stage, values in stage_metrics.items():
+        if stage == "evaluate":
+            values = {"scan_heads": values.get("scan_heads", {}), "num_images": values.get("num_images")}
         flat = {}
         for key, value in values.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -325,15 +325,11 @@ def write_report_md(path: str | os.PathLike, metrics: Mapping[str, Any], stage_s
 
     stages = metrics.get("stages")
     if isinstance(stages, Mapping) and stages:
-        keys: list[str] = []
-        for stage_metrics in stages.values():
-            for key in (stage_metrics or {}):
-                if key not in keys:
-                    keys.append(key)
-        header = ["Stage", *[f"{k} (%)" if k in _PERCENT_KEYS else k for k in keys]]
-        stage_rows = [[name, *[_stage_value(k, (vals or {}).get(k)) for k in keys]] for name, vals in stages.items()]
+        # one row per stage with only its own keys: stages share few keys, so a column per key is mostly empty
+        stage_rows = [[name, ", ".join(f"{k}: {_stage_value(k, v)}" for k, v in (vals or {}).items() if k != "seconds")
+                       or "–"] for name, vals in stages.items()]
         lines += ["", "## Metrics per stage", ""]
-        lines += _md_table(header, stage_rows, "l" + "r" * len(keys))
+        lines += _md_table(["Stage", "Metrics (fractions as %)"], stage_rows, "ll")
 
     lines += ["", "## Artifacts", ""]
     lines += [f"- [{label}]({name})" for label, name in _ARTIFACTS]

@@ -117,8 +117,8 @@ def test_report_md(tmp_path):
     assert "| selflabel | 599.6 | 10:00 |" in text
     assert "| **Total** | **789.2** | **13:09** |" in text
     # Per-stage metrics: fractions in %, other numbers as they are.
-    assert "| pretext | 75.0 | 3.142 | n/a | n/a | n/a |" in text
-    assert "| scan | n/a | n/a | 80.0 | 70.0 | 50 |" in text
+    assert "| pretext | knn_acc: 75.0, loss: 3.142 |" in text
+    assert "| scan | acc: 80.0, nmi: 70.0, epochs: 50 |" in text
     for name in ("confusion.png", "prototypes.png", "assignments.csv"):
         assert f"]({name})" in text
     assert "| model.backbone | resnet18 |" in text and "| dataset | cifar10 |" in text
