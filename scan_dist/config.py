@@ -79,7 +79,8 @@ class ScanConfig:
     mode: str = "full"  # full: backbone + heads on augmented views | head: heads only on frozen features
     features: str = "backbone"  # what the heads read: backbone (the paper) | mined (the space the neighbours were
     #                              mined in: pretext embedding and/or pixel PCA, see models/mined_space.py)
-    init: str = "pretext"  # backbone start for mode=full: pretext (the paper) | random (the pretext then only mines)
+    init: str = "pretext"  # backbone start: pretext (the paper) | random (the pretext then only mines); with
+    #                        features=mined the pretext encoder is always loaded and this is ignored
     epochs: int = 10
     batch_size: int = 256
     optimizer: str = "adam"  # adam | sgd

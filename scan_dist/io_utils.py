@@ -37,8 +37,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def write_text(path, text: str) -> None:
+    """Write UTF-8 text with '\n' line ends, all or nothing."""
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", newline="\n")
 
 
 def write_json(path, obj: Any) -> None:

@@ -21,12 +21,13 @@ __all__ = [
     "confusion_matrix",
     "neighbor_agreement",
     "kmeans_baseline",
+    "to_numpy",
 ]
 
 _UNLABELLED = -1
 
 
-def _to_numpy(x: Any) -> np.ndarray:
+def to_numpy(x: Any) -> np.ndarray:
     """Converts a torch tensor, numpy array or sequence to numpy without importing torch."""
     if hasattr(x, "detach") and hasattr(x, "cpu"):
         x = x.detach().cpu()
@@ -39,7 +40,7 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 def _as_ids(x: Any, name: str) -> np.ndarray:
     """Returns a 1-D int64 array, refusing floats that are not whole numbers (a sign of passing logits)."""
-    arr = _to_numpy(x)
+    arr = to_numpy(x)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(arr.shape)}")
     if arr.dtype.kind == "f":
@@ -118,7 +119,7 @@ def cluster_metrics(targets: Any, predictions: Any, probabilities: Any = None) -
     t, p = _check_pair(targets, predictions)
     probs = None
     if probabilities is not None:
-        probs = _to_numpy(probabilities)
+        probs = to_numpy(probabilities)
         if probs.ndim != 2 or probs.shape[0] != t.shape[0]:
             raise ValueError(f"probabilities must have shape [{t.shape[0]}, K], got {tuple(probs.shape)}")
         if p.size and probs.shape[1] <= int(p.max()):
@@ -206,7 +207,7 @@ def neighbor_agreement(targets: Any, neighbors: Any, chunk_rows: int = 1 << 18) 
     skipped. Returns NaN when no pair can be scored.
     """
     t = _as_ids(targets, "targets")
-    nb = _to_numpy(neighbors)
+    nb = to_numpy(neighbors)
     if nb.ndim != 2 or nb.shape[0] != t.shape[0]:
         raise ValueError(f"neighbors must have shape [{t.shape[0]}, k], got {tuple(nb.shape)}")
     if nb.size and nb.max() >= t.shape[0]:
@@ -236,7 +237,7 @@ def kmeans_baseline(images_uint8: Any, targets: Any, num_clusters: int, seed: in
     from sklearn.decomposition import PCA
 
     start = time.perf_counter()
-    images = _to_numpy(images_uint8)
+    images = to_numpy(images_uint8)
     n = images.shape[0]
     if n < num_clusters:
         raise ValueError(f"k-means needs at least num_clusters={num_clusters} images, got {n}")

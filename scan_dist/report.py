@@ -16,7 +16,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .io_utils import atomic_path
-from .metrics import _to_numpy
+from .io_utils import write_text as atomic_write_text
+from .metrics import to_numpy
 
 __all__ = [
     "atomic_write_text",
@@ -37,16 +38,9 @@ _ARTIFACTS = (
 )
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` (UTF-8) to ``path`` all-or-nothing."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-
-
 def _save_figure(fig: Any, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
-        # The temporary name ends in .tmp, so the format cannot be inferred from it.
+        # The temporary name has a random suffix, so the format cannot be inferred from it.
         fig.savefig(tmp, format="png")
 
 
@@ -62,7 +56,7 @@ def write_confusion_png(path: str | os.PathLike, confusion: np.ndarray,
     """
     from matplotlib.figure import Figure
 
-    conf = np.asarray(_to_numpy(confusion), dtype=np.float64)
+    conf = np.asarray(to_numpy(confusion), dtype=np.float64)
     if conf.ndim != 2:
         raise ValueError(f"confusion must be 2-D, got shape {conf.shape}")
     rows, cols = conf.shape
@@ -107,7 +101,7 @@ def _images_nchw(images: Any, indices: np.ndarray) -> np.ndarray:
         picked = images[torch.as_tensor(indices, dtype=torch.long, device=images.device)]
     else:
         picked = np.asarray(images)[indices]
-    arr = _to_numpy(picked)
+    arr = to_numpy(picked)
     if arr.ndim == 3:
         arr = arr[:, None]
     if arr.ndim != 4:
@@ -148,8 +142,8 @@ def write_prototypes_png(path: str | os.PathLike, images_uint8: Any, predictions
     """
     from matplotlib.figure import Figure
 
-    pred = np.asarray(_to_numpy(predictions)).reshape(-1).astype(np.int64)
-    conf = np.asarray(_to_numpy(confidence), dtype=np.float64).reshape(-1)
+    pred = np.asarray(to_numpy(predictions)).reshape(-1).astype(np.int64)
+    conf = np.asarray(to_numpy(confidence), dtype=np.float64).reshape(-1)
     if pred.shape != conf.shape:
         raise ValueError(f"predictions and confidence differ in length: {pred.size} vs {conf.size}")
     num_clusters = int(num_clusters)
