@@ -1,7 +1,17 @@
-"""Shared fixtures: the real Fashion-MNIST location and a skip when Debian's package is absent."""
+"""Shared fixtures: the real Fashion-MNIST location and a skip when Debian's package is absent.
+
+Without CUDA, Triton kernels are tested in Triton's CPU interpreter.  Triton reads TRITON_INTERPRET when a kernel
+is decorated, so it is set here, before any test module imports scan_dist.kernels.  (Kernel dispatch with
+backend="auto" still picks the torch reference on CPU, so the pipeline tests stay fast.)
+"""
+import os
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
