@@ -472,3 +472,24 @@ def test_cuda(kind):
     x = images(8, 3, 20).cuda()
     y = make_transform(kind, AugmentConfig(blur_prob=0.5), MEAN3, STD3, out_size=16)(x)
     assert y.is_cuda and y.shape == (8, 3, 16, 16) and torch.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kind", ["simclr", "weak", "strong"])
+@pytest.mark.parametrize("c", [1, 3])
+def test_global_batch_slices_equal_the_whole_batch(kind, c):
+    """Two 'ranks' augmenting halves of a global batch inside global_batch() reproduce the 1-process views."""
+    cfg = AugmentConfig(blur_prob=0.5, translate_frac=0.1)
+    t = make_transform(kind, cfg, *stats(c))
+    x = images(10, c, 16, seed=3)
+    torch.manual_seed(7)
+    whole = t(x)
+    parts = []
+    for offset in (0, 4):  # uneven slices: 4 and 6 rows
+        torch.manual_seed(7)
+        rows = slice(offset, 4 if offset == 0 else 10)
+        with A.global_batch(10, offset):
+            parts.append(t(x[rows]))
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="does not fit"):
+        with A.global_batch(10, 8):
+            t(x[:4])

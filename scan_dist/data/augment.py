@@ -11,6 +11,13 @@ All randomness comes from the torch global RNG of the input's device
 restoring ``torch.get_rng_state()`` (or the CUDA one) reproduces the
 augmentations exactly, which checkpoint/resume relies on.
 
+Distributed runs: inside ``with global_batch(size, offset):`` every per-sample
+draw is made for the whole global batch of ``size`` samples and rows
+``[offset, offset + b)`` are kept.  Ranks share the RNG state, so each rank
+augments its slice exactly as one process augments those rows of the global
+batch: N processes see the same views as one (drawing ``size`` numbers per
+parameter costs nothing next to the image ops).
+
 Kinds built by :func:`make_transform`:
 
 ``"eval"``
@@ -47,6 +54,8 @@ Deviations from the PIL/torchvision originals, all deliberate:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -56,6 +65,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "global_batch",
     "AugmentConfig",
     "KINDS",
     "STRONG_OPS",
@@ -190,8 +200,46 @@ def _blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
     return (degenerate + factor * (x - degenerate)).clamp_(0.0, 1.0)
 
 
+# (global batch size, this process's row offset) or None for a plain local batch.
+_GLOBAL_BATCH: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("global_batch", default=None)
+
+
+@contextlib.contextmanager
+def global_batch(size: int, offset: int):
+    """Make per-sample draws for a global batch of ``size`` and keep rows ``[offset, offset + b)``."""
+    if size <= 0 or not 0 <= offset < size:
+        raise ValueError(f"global_batch needs 0 <= offset < size, got size={size}, offset={offset}")
+    token = _GLOBAL_BATCH.set((int(size), int(offset)))
+    try:
+        yield
+    finally:
+        _GLOBAL_BATCH.reset(token)
+
+
+def _rows(b: int) -> tuple[int, int]:
+    """(rows to draw, first row to keep) for a local batch of ``b``."""
+    spec = _GLOBAL_BATCH.get()
+    if spec is None:
+        return b, 0
+    size, offset = spec
+    if offset + b > size:
+        raise ValueError(f"a batch of {b} at offset {offset} does not fit the global batch of {size}")
+    return size, offset
+
+
+def _rand(b: int, *rest: int, device: torch.device) -> Tensor:
+    """``torch.rand(b, *rest)``, drawn for the global batch when one is set."""
+    n, offset = _rows(b)
+    return torch.rand(n, *rest, device=device)[offset:offset + b]
+
+
+def _randint(high: int, b: int, *rest: int, device: torch.device) -> Tensor:
+    n, offset = _rows(b)
+    return torch.randint(0, high, (n, *rest), device=device)[offset:offset + b]
+
+
 def _uniform(n: int, lo: float, hi: float, device: torch.device) -> Tensor:
-    return lo + (hi - lo) * torch.rand(n, device=device)
+    return lo + (hi - lo) * _rand(n, device=device)
 
 
 def _affine(x: Tensor, lin: Tensor, shift: Tensor, padding_mode: str = "zeros", size: tuple[int, int] | None = None) -> Tensor:
@@ -392,8 +440,8 @@ def cutout(x: Tensor, side: int) -> Tensor:
     n, _, h, w = x.shape
     if side <= 0:
         return x
-    cy = torch.randint(0, h, (n, 1), device=x.device)
-    cx = torch.randint(0, w, (n, 1), device=x.device)
+    cy = _randint(h, n, 1, device=x.device)
+    cx = _randint(w, n, 1, device=x.device)
     y0, x0 = cy - side // 2, cx - side // 2
     rows = torch.arange(h, device=x.device).unsqueeze(0)
     cols = torch.arange(w, device=x.device).unsqueeze(0)
@@ -420,8 +468,8 @@ def _crop_flip_affine(
     """Per-sample affine (lin [b,2,2], shift [b,2]) of a random resized crop + flip."""
     area = float(h * w)
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    target = area * (scale_min + (1.0 - scale_min) * torch.rand(b, _CROP_ATTEMPTS, device=device))
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * torch.rand(b, _CROP_ATTEMPTS, device=device))
+    target = area * (scale_min + (1.0 - scale_min) * _rand(b, _CROP_ATTEMPTS, device=device))
+    aspect = torch.exp(log_lo + (log_hi - log_lo) * _rand(b, _CROP_ATTEMPTS, device=device))
     cw_all = torch.sqrt(target * aspect)
     ch_all = torch.sqrt(target / aspect)
     ok = (cw_all <= w) & (ch_all <= h)
@@ -440,7 +488,7 @@ def _crop_flip_affine(
         fw, fh = float(w), float(h)
     cw = torch.where(found, cw, torch.full_like(cw, fw))
     ch = torch.where(found, ch, torch.full_like(ch, fh))
-    pos = torch.rand(b, 2, device=device)
+    pos = _rand(b, 2, device=device)
     # Fallback crops are centred (pos = 0.5), accepted ones uniform inside.
     pos = torch.where(found.unsqueeze(1), pos, torch.full_like(pos, 0.5))
     cx = pos[:, 0] * (w - cw) + cw / 2
@@ -448,12 +496,12 @@ def _crop_flip_affine(
 
     sx = cw / w
     if flip:
-        sx = torch.where(torch.rand(b, device=device) < 0.5, -sx, sx)
+        sx = torch.where(_rand(b, device=device) < 0.5, -sx, sx)
     sy = ch / h
     tx = 2 * cx / w - 1
     ty = 2 * cy / h - 1
     if translate_frac > 0:
-        shift = translate_frac * (2 * torch.rand(b, 2, device=device) - 1)
+        shift = translate_frac * (2 * _rand(b, 2, device=device) - 1)
         tx = tx + 2 * shift[:, 0]
         ty = ty + 2 * shift[:, 1]
     zero = torch.zeros_like(sx)
@@ -488,7 +536,7 @@ def _hue_rotate(x: Tensor, shift: Tensor) -> Tensor:
 def _color_jitter(x: Tensor, cfg: AugmentConfig) -> Tensor:
     b, c = x.shape[:2]
     dev = x.device
-    apply = torch.rand(b, device=dev) < cfg.jitter_prob
+    apply = _rand(b, device=dev) < cfg.jitter_prob
     y = x
     if cfg.brightness > 0:
         f = _uniform(b, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness, dev)
@@ -607,11 +655,11 @@ class _BatchTransform:
             if cfg.jitter_prob > 0:
                 x = _color_jitter(x, cfg)
             if c == 3 and cfg.grayscale_prob > 0:
-                gray = torch.rand(b, device=x.device) < cfg.grayscale_prob
+                gray = _rand(b, device=x.device) < cfg.grayscale_prob
                 x = torch.where(gray.view(-1, 1, 1, 1), _grayscale(x).expand_as(x), x)
             if cfg.blur_prob > 0:
                 sigma = _uniform(b, 0.1, 2.0, x.device)
-                chosen = (torch.rand(b, device=x.device) < cfg.blur_prob).nonzero().squeeze(1)
+                chosen = (_rand(b, device=x.device) < cfg.blur_prob).nonzero().squeeze(1)
                 if chosen.numel() > 0:
                     x = x.index_copy(0, chosen, _gaussian_blur(x[chosen], sigma[chosen]))
         return self._normalize(x)
@@ -622,14 +670,14 @@ class _BatchTransform:
         b = x.shape[0]
         dev = x.device
         if cfg.flip:
-            flip = torch.rand(b, device=dev) < 0.5
+            flip = _rand(b, device=dev) < 0.5
             x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
         k = cfg.strong_ops
         if k > 0:
             n_ops = len(_STRONG_TABLE)
-            op_ids = torch.randint(0, n_ops, (k, b), device=dev)
-            u = torch.rand(k, b, device=dev)
-            negate = torch.rand(k, b, device=dev) < 0.5
+            op_ids = _randint(n_ops, b, k, device=dev).T
+            u = _rand(b, k, device=dev).T
+            negate = _rand(b, k, device=dev).T < 0.5
             for slot in range(k):
                 x = self._strong_slot(x, op_ids[slot], u[slot], negate[slot])
         x = self._normalize(x)
