@@ -11,12 +11,9 @@ All randomness comes from the torch global RNG of the input's device
 restoring ``torch.get_rng_state()`` (or the CUDA one) reproduces the
 augmentations exactly, which checkpoint/resume relies on.
 
-Distributed runs: inside ``with global_batch(size, offset):`` every per-sample
-draw is made for the whole global batch of ``size`` samples and rows
-``[offset, offset + b)`` are kept.  Ranks share the RNG state, so each rank
-augments its slice exactly as one process augments those rows of the global
-batch: N processes see the same views as one (drawing ``size`` numbers per
-parameter costs nothing next to the image ops).
+Distributed runs: every per-sample draw goes through :mod:`.batch_rng`, so
+inside ``with global_batch(size, offset):`` a rank augments its slice of the
+global batch exactly as one process augments those rows.
 
 Kinds built by :func:`make_transform`:
 
@@ -54,8 +51,6 @@ Deviations from the PIL/torchvision originals, all deliberate:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -63,6 +58,10 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .batch_rng import global_batch
+from .batch_rng import rand as _rand
+from .batch_rng import randint as _randint
 
 __all__ = [
     "global_batch",
@@ -198,44 +197,6 @@ def _grayscale(x: Tensor) -> Tensor:
 
 def _blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
     return (degenerate + factor * (x - degenerate)).clamp_(0.0, 1.0)
-
-
-# (global batch size, this process's row offset) or None for a plain local batch.
-_GLOBAL_BATCH: contextvars.ContextVar[tuple[int, int] | None] = contextvars.ContextVar("global_batch", default=None)
-
-
-@contextlib.contextmanager
-def global_batch(size: int, offset: int):
-    """Make per-sample draws for a global batch of ``size`` and keep rows ``[offset, offset + b)``."""
-    if size <= 0 or not 0 <= offset < size:
-        raise ValueError(f"global_batch needs 0 <= offset < size, got size={size}, offset={offset}")
-    token = _GLOBAL_BATCH.set((int(size), int(offset)))
-    try:
-        yield
-    finally:
-        _GLOBAL_BATCH.reset(token)
-
-
-def _rows(b: int) -> tuple[int, int]:
-    """(rows to draw, first row to keep) for a local batch of ``b``."""
-    spec = _GLOBAL_BATCH.get()
-    if spec is None:
-        return b, 0
-    size, offset = spec
-    if offset + b > size:
-        raise ValueError(f"a batch of {b} at offset {offset} does not fit the global batch of {size}")
-    return size, offset
-
-
-def _rand(b: int, *rest: int, device: torch.device) -> Tensor:
-    """``torch.rand(b, *rest)``, drawn for the global batch when one is set."""
-    n, offset = _rows(b)
-    return torch.rand(n, *rest, device=device)[offset:offset + b]
-
-
-def _randint(high: int, b: int, *rest: int, device: torch.device) -> Tensor:
-    n, offset = _rows(b)
-    return torch.randint(0, high, (n, *rest), device=device)[offset:offset + b]
 
 
 def _uniform(n: int, lo: float, hi: float, device: torch.device) -> Tensor:
