@@ -32,7 +32,7 @@ setup(
         "pyyaml",
     ],
     extras_require={
-        "test": ["pytest", "faiss-cpu"],
+        "test": ["pytest", "faiss-cpu", "deepspeed"],
         "faiss": ["faiss-cpu"],
     },
 )

@@ -21,9 +21,24 @@ Also here: :func:`knn_reference` (brute force, for tests), :func:`knn_faiss`
 (faiss ``IndexFlatIP`` on CPU), :func:`knn_sharded` (keys split over ranks) and
 :func:`select_backend`.
 
-Backend status: the Triton kernel is pending.  :func:`_use_triton` is the seam
-(it always returns ``False`` for now) and ``select_backend("triton", ...)``
-raises ``NotImplementedError``.
+Backend status: two implementations behind ``knn(..., backend=...)``, chosen by
+:func:`._dispatch.resolve` (``"auto"``: Triton on CUDA when it imports, torch
+otherwise; ``"triton"``; ``"torch"``):
+
+* ``"triton"``: :mod:`.knn_triton` (imported lazily, so the package imports
+  without Triton), a fused score-tile + running top-k kernel; the Q x N matrix
+  never exists.  ``precision="fp32"`` computes IEEE fp32 scores;
+  ``precision="fp16"`` (the fast one), ``"bf16"`` or ``"tf32"`` finds
+  candidates at low precision, re-ranks them in fp32 and proves per row that
+  no true neighbour was missed (rows it cannot prove are redone in fp32), so
+  every precision returns the exact answer.  On CPU it runs only under
+  ``TRITON_INTERPRET=1`` (tests).
+* ``"torch"``: :func:`_knn_torch` below, the exact reference tiling; it always
+  computes in fp32 and ignores ``precision``.
+
+``knn_sharded`` passes ``backend``/``precision`` through to each rank's local
+search.  ``select_backend`` maps the config value ``mine.backend``
+(auto|torch|faiss|triton) to ``"torch"``, ``"triton"`` or ``"faiss"``.
 """
 
 from __future__ import annotations
@@ -32,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import _dispatch
+
 __all__ = ["knn", "knn_reference", "knn_faiss", "knn_sharded", "select_backend"]
 
 _METRICS = ("cosine", "ip")
@@ -39,6 +56,7 @@ _METRICS = ("cosine", "ip")
 _TILE_ELEMS = 1 << 24
 _DEFAULT_KEY_CHUNK = 8192
 _FAISS_HINT = "faiss is not installed; install it with `pip install faiss-cpu` (or use mine.backend=torch)"
+_PRECISIONS = ("fp32", "fp16", "bf16", "tf32")
 
 
 # --------------------------------------------------------------------------- #
@@ -131,11 +149,6 @@ def _merge_topk(scores_a: Tensor, index_a: Tensor, scores_b: Tensor, index_b: Te
     return scores[:, :k], index[:, :k]
 
 
-def _use_triton(tensor: Tensor) -> bool:
-    """Seam for the pending Triton kernel; the torch path is used until it lands."""
-    return False
-
-
 # --------------------------------------------------------------------------- #
 # Public API
 # --------------------------------------------------------------------------- #
@@ -165,25 +178,38 @@ def _knn_torch(queries: Tensor, keys: Tensor, k: int, metric: str, key_chunk: in
 
 
 def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "cosine", chunk_size: int | None = None,
-        query_chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+        query_chunk_size: int | None = None, backend: str = "auto",
+        precision: str = "fp32") -> tuple[Tensor, Tensor]:
     """Exact fp32 k-NN: ``(scores [Q, k] fp32, index [Q, k] int64)``, sorted by (-score, index).
 
     Args:
         queries: ``[Q, D]``; keys: ``[N, D]`` on the same device (any float dtype).
         k: ``1 <= k <= N``.
         metric: ``"cosine"`` or ``"ip"``.
-        chunk_size: keys per tile (default ``min(N, 8192)``).
-        query_chunk_size: queries per tile (default: as many as keep one tile
-            at <= 2**24 scores, i.e. 64 MB).
+        chunk_size: keys per tile (torch, default ``min(N, 8192)``) or per
+            kernel launch (Triton, default: an 8 GiB prepared copy).
+        query_chunk_size: queries per tile (torch default: as many as keep one
+            tile at <= 2**24 scores, i.e. 64 MB; Triton: per launch).
+        backend: ``"auto"`` (Triton on CUDA, else torch), ``"triton"`` or
+            ``"torch"``; see :mod:`._dispatch`.
+        precision: how the Triton kernel finds candidates: ``"fp32"`` (IEEE),
+            ``"fp16"`` (fastest provable), ``"bf16"`` or ``"tf32"`` (re-ranked
+            in fp32 and proven complete per row, so the answer is the same).
+            The torch path always computes in fp32 and ignores it.
     """
     _check_inputs(queries, keys, metric)
     k = _check_k(k, keys.shape[0])
     _check_chunk("chunk_size", chunk_size)
     _check_chunk("query_chunk_size", query_chunk_size)
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
+    if _dispatch.resolve(backend, queries, "knn") == "triton":
+        from .knn_triton import knn_triton  # noqa: PLC0415 - lazy: the package imports without Triton
+
+        return knn_triton(queries, keys, k, metric=metric, chunk_size=chunk_size,
+                          query_chunk_size=query_chunk_size, precision=precision)
     key_chunk = chunk_size or min(keys.shape[0], _DEFAULT_KEY_CHUNK)
     query_chunk = query_chunk_size or max(1, _TILE_ELEMS // key_chunk)
-    if _use_triton(queries):  # pragma: no cover - Triton path pending
-        raise NotImplementedError("Triton k-NN is not available yet")
     return _knn_torch(queries, keys, k, metric, key_chunk, query_chunk)
 
 
@@ -226,7 +252,8 @@ def knn_faiss(queries: Tensor, keys: Tensor, k: int, metric: str = "cosine") -> 
 
 
 def knn_sharded(queries: Tensor, local_keys: Tensor, k: int, group=None, key_offset: int | None = None,
-                metric: str = "cosine", chunk_size: int | None = None) -> tuple[Tensor, Tensor]:
+                metric: str = "cosine", chunk_size: int | None = None, backend: str = "auto",
+                precision: str = "fp32") -> tuple[Tensor, Tensor]:
     """k-NN against keys split over the ranks of ``group``.
 
     Every rank must pass the *same* ``queries``; rank ``r`` holds a contiguous
@@ -238,13 +265,17 @@ def knn_sharded(queries: Tensor, local_keys: Tensor, k: int, group=None, key_off
     A rank may hold fewer than ``k`` (or zero) keys.  Tensors must be on a
     device the group's backend can communicate (CPU for gloo, CUDA for NCCL).
 
+    ``backend`` and ``precision`` choose each rank's local search (see
+    :func:`knn`); the merge is the same for all.
+
     Without an initialised process group (or with world size 1) this is
     :func:`knn`.
     """
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return knn(queries, local_keys, k, metric=metric, chunk_size=chunk_size)
+        return knn(queries, local_keys, k, metric=metric, chunk_size=chunk_size, backend=backend,
+                   precision=precision)
 
     _check_inputs(queries, local_keys, metric)
     world = dist.get_world_size(group)
@@ -267,7 +298,8 @@ def knn_sharded(queries: Tensor, local_keys: Tensor, k: int, group=None, key_off
     index = torch.full((n_queries, k), torch.iinfo(torch.int64).max, dtype=torch.int64, device=device)
     local_k = min(k, local_keys.shape[0])
     if local_k > 0:
-        s, i = knn(queries, local_keys, local_k, metric=metric, chunk_size=chunk_size)
+        s, i = knn(queries, local_keys, local_k, metric=metric, chunk_size=chunk_size, backend=backend,
+                   precision=precision)
         scores[:, :local_k] = s
         index[:, :local_k] = i + key_offset
 
@@ -282,21 +314,41 @@ def knn_sharded(queries: Tensor, local_keys: Tensor, k: int, group=None, key_off
 
 
 def select_backend(name: str, device=None) -> str:
-    """Resolve the k-NN backend name from config (``mine.backend``).
+    """Resolve the k-NN backend name from config (``mine.backend``) for tensors on ``device``.
 
-    ``"auto"`` and ``"torch"`` -> ``"torch"`` (exact, any device); ``"faiss"``
-    -> ``"faiss"`` if importable (else ImportError); ``"triton"`` ->
-    NotImplementedError until the kernel lands.  ``device`` is accepted so
-    ``auto`` can later pick per device; it is unused for now.
+    * ``"torch"`` -> ``"torch"`` (exact, any device).
+    * ``"faiss"`` -> ``"faiss"`` if importable (else ImportError).
+    * ``"auto"`` -> ``"triton"`` on a CUDA device when Triton imports, else ``"torch"``.
+    * ``"triton"`` -> ``"triton"`` when the kernel can run there: a CUDA device
+      (with CUDA available), or the CPU under ``TRITON_INTERPRET=1`` (slow; for
+      tests); otherwise a RuntimeError naming ``mine.backend`` and the
+      alternatives.
+
+    ``device`` defaults to CUDA when available, else the CPU.
     """
     if not isinstance(name, str):
         raise TypeError(f"backend name must be a string, got {type(name).__name__}")
     key = name.strip().lower()
-    if key in ("auto", "torch"):
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if key == "torch":
         return "torch"
     if key == "faiss":
         _import_faiss()
         return "faiss"
+    if key == "auto":
+        return "triton" if device.type == "cuda" and _dispatch.triton_importable() else "torch"
     if key == "triton":
-        raise NotImplementedError("Triton k-NN is not available yet; use mine.backend=torch or faiss")
+        if not _dispatch.triton_importable():
+            raise RuntimeError("mine.backend=triton needs the triton package (pip install triton); "
+                               "or use mine.backend=torch, faiss or auto")
+        if device.type == "cuda" and torch.cuda.is_available():
+            return "triton"
+        if device.type == "cpu" and _dispatch.interpreting():
+            return "triton"
+        where = "CUDA is not available" if device.type == "cuda" else f"the device is {device}"
+        raise RuntimeError(f"mine.backend=triton needs a CUDA GPU ({where}; on CPU it runs only under "
+                           "TRITON_INTERPRET=1, which is slow and meant for tests); "
+                           "use mine.backend=torch, faiss or auto")
     raise ValueError(f"unknown k-NN backend {name!r}; expected one of 'auto', 'torch', 'faiss', 'triton'")

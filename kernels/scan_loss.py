@@ -16,15 +16,30 @@ float64, for gradcheck); gradients reach both inputs.
 Distributed: ``scan_loss(..., process_group=g)`` makes ``pbar`` and the
 consistency mean run over the *global* batch (see :func:`scan_loss`).
 
-Backend status: only the pure-torch implementation exists.  A Triton kernel
-is pending; it will plug in behind :func:`_use_triton`, which currently always
-returns ``False``, so the public names keep their meaning.
+Backend status: two implementations of the per-rank local terms
+(``consistency_sum [H]`` and ``prob_sum [H, C]``), chosen by
+``scan_loss(..., backend=...)`` through :func:`._dispatch.resolve`:
+
+* ``"triton"``: fused Triton forward/backward kernels in
+  :mod:`.scan_loss_triton` (imported lazily, so the package imports without
+  Triton); the default (``"auto"``) on CUDA.
+* ``"torch"``: :func:`_local_terms_torch`, the exact reference; the default on
+  CPU, and always used for float64 inputs (gradcheck), whatever ``backend`` says.
+
+The distributed all-reduce and :func:`_finish` (entropy, means) are shared, so
+``process_group`` works the same with both.  :func:`scan_loss_reference` and
+:func:`partial_sums` are torch only: the former is the reference by
+definition, and the latter (anchors only, a monitoring helper outside the
+training step) would need a separate single-input kernel for a saving that
+does not matter there.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from . import _dispatch
 
 __all__ = ["scan_loss", "scan_loss_reference", "partial_sums"]
 
@@ -61,9 +76,15 @@ def _compute_dtype(tensor: Tensor) -> torch.dtype:
     return torch.promote_types(tensor.dtype, torch.float32)
 
 
-def _use_triton(tensor: Tensor) -> bool:
-    """Seam for the pending Triton kernel; the torch path is used until it lands."""
-    return False
+def _select_backend(backend: str, anchor_logits: Tensor, neighbor_logits: Tensor) -> str:
+    """``"triton"`` or ``"torch"`` for the local terms (see the module docstring)."""
+    if anchor_logits.dtype == torch.float64 or neighbor_logits.dtype == torch.float64:
+        # The kernels accumulate in fp32; float64 exists for gradcheck, so it always takes the exact torch path
+        # (the backend name is still validated, but "triton" does not then require Triton or a GPU).
+        if backend not in _dispatch.BACKENDS:
+            raise ValueError(f"scan_loss: backend must be one of {_dispatch.BACKENDS}, got {backend!r}")
+        return "torch"
+    return _dispatch.resolve(backend, anchor_logits, "scan_loss")
 
 
 # --------------------------------------------------------------------------- #
@@ -173,7 +194,7 @@ def _dist_active(process_group) -> bool:
 
 
 def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: float, process_group=None,
-              eps: float = 1e-8) -> tuple[Tensor, Tensor, Tensor]:
+              eps: float = 1e-8, *, backend: str = "auto") -> tuple[Tensor, Tensor, Tensor]:
     """SCAN loss per head.
 
     Args:
@@ -193,6 +214,9 @@ def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: fl
             scale by W) to recover it exactly.  Local batches may differ in size
             (even be empty) as long as the global batch is non-empty.
         eps: clamp for ``pbar`` inside the entropy's log.
+        backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or
+            ``"torch"``; see :mod:`._dispatch`.  Selects only how the per-rank
+            sums are computed; float64 inputs always use torch.
 
     Returns:
         ``(total, consistency, entropy)``, each ``[H]`` fp32 (float64 for float64 inputs).
@@ -203,9 +227,12 @@ def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: fl
     if batch == 0 and not distributed:
         raise ValueError("scan_loss needs a non-empty batch (anchor_logits.shape[1] == 0)")
 
-    if _use_triton(anchor_logits):  # pragma: no cover - Triton path pending
-        raise NotImplementedError("Triton SCAN loss is not available yet")
-    consistency_sum, prob_sum = _local_terms_torch(anchor_logits, neighbor_logits)
+    if _select_backend(backend, anchor_logits, neighbor_logits) == "triton":
+        from . import scan_loss_triton  # lazy: Triton is optional
+
+        consistency_sum, prob_sum = scan_loss_triton.local_terms(anchor_logits, neighbor_logits)
+    else:
+        consistency_sum, prob_sum = _local_terms_torch(anchor_logits, neighbor_logits)
 
     if not distributed:
         return _finish(consistency_sum, prob_sum, float(batch), entropy_weight, eps)

@@ -92,6 +92,7 @@ class ScanConfig:
     head_hidden: int = 0  # 0: each cluster head is one linear layer; >0: an MLP with this hidden size
     entropy_weight: float = 5.0
     view: str = "simclr"  # augmentation of anchor and neighbour: simclr | strong | weak | eval
+    loss_backend: str = "auto"  # SCAN loss implementation: auto (Triton on CUDA, else torch) | triton | torch
     select_entropy_weight: float = 1.0  # weight of the entropy in the head-selection loss (paper: 1)
 
 
@@ -112,8 +113,15 @@ class SelfLabelConfig:
 
 @dataclass
 class DistConfig:
-    backend: str = "none"  # none | ddp | deepspeed (ddp/deepspeed: distributed engine issue)
-    zero_stage: int = 0
+    """How the training stages run over processes. Launch N processes with torchrun (or SLURM); batch sizes are
+    global and must divide by N. N processes train on exactly the batches one process would."""
+
+    backend: str = "none"  # none | ddp | deepspeed; ddp/deepspeed also run in one process
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0 | 1 | 2 (optimizer state / gradients sharded over ranks)
+    precision: str = "fp32"  # fp32 | bf16 | fp16 autocast for the training forward passes
+    grad_clip: float = 0.0  # >0: clip the global gradient norm to this value
+    timeout_s: int = 600  # collective timeout: a dead rank fails the job after this long instead of hanging it
+    sync_batchnorm: bool = True  # BatchNorm statistics over the global batch (as one process computes them)
 
 
 @dataclass
@@ -153,10 +161,13 @@ _CHOICES = {
     "scan.init": ("pretext", "random"),
     "scan.features": ("backbone", "mined"),
     "scan.optimizer": ("sgd", "adam"),
+    "scan.loss_backend": ("auto", "triton", "torch"),
     "scan.view": ("simclr", "strong", "weak", "eval"),
     "selflabel.optimizer": ("sgd", "adam"),
     "selflabel.view": ("strong", "simclr", "weak"),
     "dist.backend": ("none", "ddp", "deepspeed"),
+    "dist.zero_stage": (0, 1, 2),
+    "dist.precision": ("fp32", "bf16", "fp16"),
     "run.device": ("auto", "cpu", "cuda"),
 }
 
@@ -275,7 +286,7 @@ def validate(cfg: Config) -> None:
         section, name = key.split(".")
         value = as_dict[section][name]
         if value not in choices:
-            raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+            raise ConfigError(f"{key} must be one of {', '.join(map(str, choices))}; got {value!r}")
     if cfg.num_clusters < 2:
         raise ConfigError(f"num_clusters must be at least 2; got {cfg.num_clusters}")
     positive = {
@@ -304,10 +315,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.channels must be 1 or 3; got {cfg.data.channels}")
     if cfg.scan.mode == "head" and cfg.scan.init == "random":
         raise ConfigError("scan.init=random needs scan.mode=full: frozen random features cannot be clustered")
-    if cfg.dist.backend != "none":
-        raise ConfigError(
-            f"dist.backend={cfg.dist.backend} is not implemented yet (distributed engine pending); use dist.backend=none"
-        )
+    if cfg.dist.zero_stage and cfg.dist.backend != "deepspeed":
+        raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} needs dist.backend=deepspeed")
+    if cfg.dist.timeout_s < 1:
+        raise ConfigError(f"dist.timeout_s must be at least 1; got {cfg.dist.timeout_s}")
 
 
 def to_dict(cfg: Config) -> dict:

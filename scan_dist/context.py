@@ -10,6 +10,7 @@ import torch
 from .config import Config
 from .data import augment
 from .data.datasets import ImageSet, open_dataset
+from .dist import comm
 from .errors import DataError
 
 # What each format expects at data.path, for the message when the data is missing.
@@ -28,11 +29,23 @@ LAYOUT_HINTS = {
 
 
 class RunContext:
-    def __init__(self, cfg: Config, run_dir: Path, logger: logging.Logger):
+    def __init__(self, cfg: Config, run_dir: Path, logger: logging.Logger, env=None):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.log = logger
-        self.device = resolve_device(cfg.run.device)
+        self.env = env  # dist.env.DistEnv of this process, or None for a plain single process
+        self.device = env.device if env is not None else resolve_device(cfg.run.device)
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that writes artifacts, markers and reports."""
+        return comm.is_main()
+
+    def engine(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
+        """Wrap a model and its optimizer for dist.backend (none | ddp | deepspeed): the stages' only door to it."""
+        from .dist.engine import Engine  # DeepSpeed is imported only when a run asks for it
+
+        return Engine(model, optimizer, self.cfg.dist, self.env)
 
     def stage_dir(self, name: str) -> Path:
         path = self.run_dir / name

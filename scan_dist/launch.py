@@ -16,7 +16,8 @@ import torch
 from . import report
 from .config import Config, available_presets, load_config, to_yaml
 from .context import RunContext
-from .errors import ScanDistError
+from .dist import env as dist_env
+from .errors import ConfigError, ScanDistError
 from .io_utils import write_text
 from .logs import setup_logging
 from .pipeline import plan, run_pipeline
@@ -77,16 +78,33 @@ def _main(args: argparse.Namespace) -> int:
 
 
 def run_local(cfg: Config, run_dir: Path) -> int:
+    """Run the pipeline in this process; under torchrun/SLURM this is one rank of the job."""
     RunContext(cfg, run_dir, setup_logging(None)).check_data_path()
+    env = dist_env.detect(cfg.run.device)
+    if env.distributed and cfg.dist.backend == "none":
+        raise ConfigError(f"this is process {env.rank} of {env.world_size} ({env.source}) but dist.backend=none; "
+                          "set dist.backend=ddp or dist.backend=deepspeed")
+    dist_env.init_process_group(env, cfg.dist.timeout_s)
+    try:
+        return _run_rank(cfg, run_dir, env)
+    finally:
+        dist_env.destroy_process_group()
+
+
+def _run_rank(cfg: Config, run_dir: Path, env) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = setup_logging(run_dir)
+    log = setup_logging(run_dir, env.rank)
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
-    commit = git_commit()
-    write_text(run_dir / "config.yaml", (f"# git commit: {commit}\n" if commit else "") + to_yaml(cfg))
-    ctx = RunContext(cfg, run_dir, log)
-    log.info("run folder %s, preset %s, device %s", run_dir, cfg.name, ctx.device)
+    if env.is_main:
+        commit = git_commit()
+        write_text(run_dir / "config.yaml", (f"# git commit: {commit}\n" if commit else "") + to_yaml(cfg))
+    ctx = RunContext(cfg, run_dir, log, env)
+    log.info("run folder %s, preset %s, device %s, %d process(es), dist.backend=%s", run_dir, cfg.name, ctx.device,
+             env.world_size, cfg.dist.backend)
     summary = run_pipeline(ctx)
+    if not env.is_main:
+        return 0
     print()
     print("Time per stage")
     print(report.format_time_table({k: v for k, v in summary["seconds"].items() if k != "total"}))

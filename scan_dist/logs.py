@@ -18,7 +18,8 @@ class _TqdmSafeHandler(logging.StreamHandler):
             self.handleError(record)
 
 
-def setup_logging(run_dir: Path | None) -> logging.Logger:
+def setup_logging(run_dir: Path | None, rank: int = 0) -> logging.Logger:
+    """Rank 0 logs to the terminal and `log.txt`; rank r > 0 writes `logs/rank<r>.txt` and shows only warnings."""
     logger = logging.getLogger("scan_dist")
     logger.setLevel(logging.INFO)
     logger.propagate = False
@@ -26,11 +27,15 @@ def setup_logging(run_dir: Path | None) -> logging.Logger:
         logger.removeHandler(handler)
         handler.close()
     console = _TqdmSafeHandler()
-    console.setFormatter(logging.Formatter("[scan_dist] %(message)s"))
+    console.setFormatter(logging.Formatter("[scan_dist] %(message)s" if rank == 0 else
+                                           f"[scan_dist rank {rank}] %(message)s"))
+    if rank != 0:
+        console.setLevel(logging.WARNING)
     logger.addHandler(console)
     if run_dir is not None:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(run_dir / "log.txt")
+        path = run_dir / "log.txt" if rank == 0 else run_dir / "logs" / f"rank{rank}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(path)
         file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         logger.addHandler(file_handler)
     return logger

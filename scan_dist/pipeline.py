@@ -4,10 +4,14 @@ Each stage's identity is a hash of the config sections it reads chained with its
 whose `DONE` marker carries the same hash is skipped; any change upstream re-runs it and everything after it.
 A stage killed half-way resumes from its own checkpoint (see trainer.py). After the last stage the run folder gets
 `metrics.json` and `report.md` built from every stage's marker.
+
+With N processes every rank runs every stage (the run folder must be on a filesystem all ranks see); rank 0 decides
+the plan, writes the markers and reports, and the others wait for it at a barrier after each stage.
 """
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -18,6 +22,7 @@ import torch
 from . import report
 from .config import Config, section_hash
 from .context import RunContext
+from .dist import comm
 from .io_utils import write_json
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
 
@@ -81,16 +86,22 @@ def run_pipeline(ctx: RunContext) -> dict:
     hashes = stage_hashes(cfg)
     seconds: dict[str, float] = {}
     stage_metrics: dict[str, dict] = {}
-    for name, action in plan(cfg, run_dir):
+    for name, action in comm.broadcast_object(plan(cfg, run_dir)):  # every rank follows rank 0's plan
         if action == "run":
-            (run_dir / name / "DONE").unlink(missing_ok=True)  # a re-run stage is not done until it finishes
+            if ctx.is_main:
+                (run_dir / name / "DONE").unlink(missing_ok=True)  # a re-run stage is not done until it finishes
             ctx.log.info("stage %s: running", name)
-            torch.manual_seed(int(hashes[name], 16) % (2**63))  # each stage starts from its own seed: resumable
+            # Each stage starts from its own seed (resumable), the same on every rank: ranks share one RNG stream.
+            torch.manual_seed(int(hashes[name], 16) % (2**63))
             start = time.perf_counter()
             result = STAGES[name](cfg, ctx, hashes[name])
             elapsed = time.perf_counter() - start
-            (run_dir / name / "checkpoint.pt").unlink(missing_ok=True)
-            write_json(run_dir / name / "DONE", {"config_hash": hashes[name], "seconds": elapsed, **result})
+            comm.barrier()
+            if ctx.is_main:
+                (run_dir / name / "checkpoint.pt").unlink(missing_ok=True)
+                shutil.rmtree(run_dir / name / "checkpoint_shards", ignore_errors=True)
+                write_json(run_dir / name / "DONE", {"config_hash": hashes[name], "seconds": elapsed, **result})
+            comm.barrier()
             ctx.log.info("stage %s: done in %.1f s", name, elapsed)
         else:
             ctx.log.info("stage %s: skipped (done with the same config)", name)
@@ -111,7 +122,10 @@ def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict) -> dict:
         "stages": stage_metrics,
         "seconds": {**seconds, "total": sum(seconds.values())},
         "preset": cfg.name,
+        "world_size": comm.world_size(),
     }
+    if not ctx.is_main:
+        return summary
     write_json(run_dir / "metrics.json", summary)
     config_summary = {"preset": cfg.name, "num_clusters": cfg.num_clusters, "data.path": cfg.data.path,
                       "model.backbone": cfg.model.backbone, "pretext.epochs": cfg.pretext.epochs,

@@ -3,6 +3,13 @@
 A stage supplies `step_fn(indices) -> dict of floats` (forward, backward, optimiser step on one batch); the loop
 owns everything around it. Checkpoints every `run.checkpoint_every_steps` steps and at each epoch end hold the
 loop position, the running loss sums and the RNG states, so a run killed at any point resumes to the same result.
+
+Distributed: `batch_size` is the global batch. Every rank walks the same seeded order and takes its contiguous
+slice of each global batch; inside `global_batch()` its per-sample random draws are those one process makes for
+the same rows, so N processes train on exactly the batches (and views) one process would. Logged values are
+averaged over ranks. Rank 0 writes the checkpoint (ranks share one RNG stream by construction, so its RNG state is
+every rank's and a run may resume on a different number of processes); a DeepSpeed engine with ZeRO shards also
+saves its own sharded checkpoint from every rank.
 """
 from __future__ import annotations
 
@@ -14,7 +21,10 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from .data.batch_rng import global_batch
+from .dist import comm
 from .dist.checkpoint import load_checkpoint, restore, save_checkpoint
+from .errors import ConfigError
 
 
 @dataclass
@@ -35,9 +45,13 @@ class Schedule:
         progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
         return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
-    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+    def apply(self, target, step: int) -> None:
+        """Set the learning rates of `target`: a torch optimizer, or an Engine (which knows its wrapped one)."""
         factor = self.factor(step)
-        for group, base in zip(optimizer.param_groups, self.base_lrs):
+        if hasattr(target, "set_lr"):
+            target.set_lr([base * factor for base in self.base_lrs])
+            return
+        for group, base in zip(target.param_groups, self.base_lrs):
             group["lr"] = base * factor
 
 
@@ -52,14 +66,26 @@ def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
 
 
 def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, num_items: int, batch_size: int, epochs: int,
-               step_fn: Callable[[torch.Tensor], dict], optimizer: torch.optim.Optimizer | None = None,
-               schedule: Schedule | None = None) -> list[dict]:
-    """Train for `epochs` epochs; returns one dict of mean step values per epoch (also stored for resume)."""
+               step_fn: Callable[[torch.Tensor], dict], optimizer=None, schedule: Schedule | None = None) -> list[dict]:
+    """Train for `epochs` epochs; returns one dict of mean step values per epoch (also stored for resume).
+
+    `optimizer` is what the schedule sets learning rates on: a torch optimizer or an Engine. An Engine with sharded
+    (DeepSpeed ZeRO) state also checkpoints itself under the stage folder.
+    """
     ckpt_path = Path(ctx.stage_dir(stage)) / "checkpoint.pt"
+    shard_dir = Path(ctx.stage_dir(stage)) / "checkpoint_shards"
+    sharded = bool(getattr(optimizer, "uses_sharded_checkpoints", False))
     per_epoch = steps_per_epoch(num_items, batch_size)
     batch = min(batch_size, num_items)
+    world, rank = comm.world_size(), comm.rank()
+    if batch % world:
+        raise ConfigError(f"{stage}: the global batch of {batch} does not split over {world} processes; "
+                          f"use a batch size divisible by {world}")
+    local = batch // world
     epoch, step, history, sums = 0, 0, [], {}
     payload = load_checkpoint(ckpt_path, config_hash)
+    if payload is not None and sharded and not optimizer.load_sharded(shard_dir, "latest"):
+        payload = None  # the position file without its shards cannot be resumed
     if payload is not None:
         restore(payload, stateful)
         epoch, step = payload["position"]["epoch"], payload["position"]["step"]
@@ -67,18 +93,24 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, num_items: int
         ctx.log.info("%s: resuming at epoch %d, step %d from %s", stage, epoch + 1, step, ckpt_path)
 
     def checkpoint():
-        save_checkpoint(ckpt_path, config_hash,
-                        {"epoch": epoch, "step": step, "history": history, "sums": sums}, stateful)
+        if sharded:
+            optimizer.save_sharded(shard_dir, "latest")
+        if comm.is_main():
+            save_checkpoint(ckpt_path, config_hash,
+                            {"epoch": epoch, "step": step, "history": history, "sums": sums}, stateful)
+        comm.barrier()  # nobody runs ahead of a checkpoint that is still being written
 
     every = max(1, ctx.cfg.run.checkpoint_every_steps)
     while epoch < epochs:
         order = epoch_order(num_items, ctx.cfg.run.seed, epoch)
         bar = tqdm(total=per_epoch, initial=step, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="step",
-                   disable=not ctx.cfg.run.progress, leave=False, dynamic_ncols=True)
+                   disable=not (ctx.cfg.run.progress and comm.is_main()), leave=False, dynamic_ncols=True)
         while step < per_epoch:
             if schedule is not None and optimizer is not None:
                 schedule.apply(optimizer, epoch * per_epoch + step)
-            values = step_fn(order[step * batch:(step + 1) * batch])
+            indices = order[step * batch:(step + 1) * batch][rank * local:(rank + 1) * local]
+            with global_batch(batch, rank * local):
+                values = comm.mean_over_ranks(step_fn(indices))
             for key, value in values.items():
                 total, count = sums.get(key, (0.0, 0))
                 sums[key] = (total + float(value), count + 1)

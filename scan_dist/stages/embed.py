@@ -23,6 +23,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
     for split, imageset in (("train", ctx.train_set), ("eval", ctx.eval_set)):
         features = infer(ctx, embed_fn, imageset.images, desc=f"embed {split}").numpy().astype(np.float32)
         path = out_dir / f"{split}.npy"
-        save_numpy(path, features)
+        if ctx.is_main:
+            save_numpy(path, features)
         artifacts[split] = str(path)
     return {"artifacts": artifacts, "metrics": {"dim": int(features.shape[1])}}

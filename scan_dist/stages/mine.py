@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
+from ..dist import comm
 from ..io_utils import save_numpy, save_torch
 from ..metrics import neighbor_agreement
 
@@ -36,7 +37,8 @@ def search_space(cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         parts_eval.append(torch.from_numpy(np.load(ctx.run_dir / "embed" / "eval.npy")))
     if cfg.mine.features in ("pixels", "both"):
         mean, basis = fit_pixel_pca(ctx.train_set.images, ctx.pca_dims, cfg.run.seed)
-        save_torch(ctx.stage_dir("mine") / "pca.pt", {"mean": mean, "basis": basis})  # read by scan.features=mined
+        if ctx.is_main:  # read by scan.features=mined
+            save_torch(ctx.stage_dir("mine") / "pca.pt", {"mean": mean, "basis": basis})
         for images, parts in ((ctx.train_set.images, parts_train), (ctx.eval_set.images, parts_eval)):
             parts.append(project_pixels(images, mean, basis))
     train = torch.cat([F.normalize(p.float(), dim=1) for p in parts_train], dim=1)
@@ -56,10 +58,22 @@ def drop_self(index: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def find_neighbors(vectors: torch.Tensor, k: int, backend: str, device) -> torch.Tensor:
+    """k neighbours of every row among the others. With N processes the bank is sharded: each rank searches its
+    contiguous slice of the keys and the candidates are merged (kernels.knn_sharded); all ranks get the result."""
     k = min(k, len(vectors) - 1)
     chosen = kernels.select_backend(backend, device)
-    search = kernels.knn_faiss if chosen == "faiss" else kernels.knn
-    _, index = search(vectors.to(device), vectors.to(device), k + 1, metric="ip")
+    if chosen == "faiss":
+        _, index = kernels.knn_faiss(vectors, vectors, k + 1, metric="ip")
+        return drop_self(index.cpu(), k)
+    queries = vectors.to(device)
+    if comm.world_size() > 1:
+        start, stop = comm.shard_range(len(vectors))
+        # gloo moves CPU tensors only: the merge then runs on the CPU
+        merge_device = device if torch.device(device).type == "cuda" else "cpu"
+        _, index = kernels.knn_sharded(queries.to(merge_device), vectors[start:stop].to(merge_device), k + 1,
+                                       comm.group(), key_offset=start, metric="ip", backend=chosen)
+    else:
+        _, index = kernels.knn(queries, queries, k + 1, metric="ip", backend=chosen)
     return drop_self(index.cpu(), k)
 
 
@@ -68,8 +82,9 @@ def run(cfg, ctx, config_hash: str) -> dict:
     out_dir = ctx.stage_dir("mine")
     train_nn = find_neighbors(train, cfg.mine.k, cfg.mine.backend, ctx.device)
     eval_nn = find_neighbors(evals, cfg.mine.eval_k, cfg.mine.backend, ctx.device)
-    save_numpy(out_dir / "train_neighbors.npy", train_nn.numpy())
-    save_numpy(out_dir / "eval_neighbors.npy", eval_nn.numpy())
+    if ctx.is_main:
+        save_numpy(out_dir / "train_neighbors.npy", train_nn.numpy())
+        save_numpy(out_dir / "eval_neighbors.npy", eval_nn.numpy())
     metrics = {"k": int(train_nn.shape[1])}
     # Diagnostic only (never used by any later stage): how often neighbours share the label.
     if ctx.train_set.targets is not None:

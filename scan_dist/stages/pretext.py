@@ -22,7 +22,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
         history = []
     else:
         history = _train(cfg, ctx, model, config_hash)
-    save_torch(out, {"model": model.state_dict()})
+    if ctx.is_main:
+        save_torch(out, {"model": model.state_dict()})
     return {"artifacts": {"model": str(out)}, "metrics": {"final_loss": history[-1]["loss"]} if history else {}}
 
 
@@ -35,16 +36,18 @@ def _train(cfg, ctx, model, config_hash: str) -> list[dict]:
     schedule = Schedule([p.lr], total_steps=p.epochs * per_epoch, warmup_steps=int(p.warmup_epochs * per_epoch),
                         cosine=True, min_ratio=p.min_lr_ratio)
     model.train()
+    engine = ctx.engine(model, optimizer)
+    # Negatives come from the whole global batch: embeddings are all-gathered with their gradients.
+    gather = (lambda z: engine.all_gather(z, grad=True)) if engine.world_size > 1 else None
 
     def step(indices: torch.Tensor) -> dict:
         batch = images[indices]
         views = torch.cat([view(batch), view(batch)])
-        z = model(views)
-        loss = nt_xent(z[: len(indices)], z[len(indices):], p.temperature)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        z = engine(views)
+        loss = nt_xent(z[: len(indices)], z[len(indices):], p.temperature, gather=gather, rank=engine.rank)
+        engine.backward(loss)
+        engine.step()
         return {"loss": loss.item()}
 
-    return run_epochs(ctx, "pretext", config_hash, {"model": model, "optimizer": optimizer}, len(images),
-                      p.batch_size, p.epochs, step, optimizer, schedule)
+    return run_epochs(ctx, "pretext", config_hash, {"engine": engine}, len(images),
+                      p.batch_size, p.epochs, step, engine, schedule)

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from .. import kernels
+from ..data import batch_rng
 from ..io_utils import load_torch, save_torch
 from ..losses import scan_objective
 from ..models import build
@@ -21,7 +22,7 @@ from .common import infer, make_optimizer
 def sample_neighbors(indices: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
     """A partner per anchor, uniform over its k neighbours and itself (the paper samples the image itself too)."""
     k = neighbors.shape[1]
-    pick = torch.randint(0, k + 1, (len(indices),))
+    pick = batch_rng.randint(k + 1, len(indices))  # drawn for the global batch: the same partners on N ranks
     partners = neighbors[indices, pick.clamp(max=k - 1)]
     return torch.where(pick == k, indices, partners)
 
@@ -64,7 +65,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
     best = int(torch.argmin(losses))
     ctx.log.info("scan: head selection losses %s -> head %d", [round(float(v), 4) for v in losses], best)
     out = ctx.stage_dir("scan") / "model.pt"
-    save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist()})
+    if ctx.is_main:
+        save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist()})
     metrics = {"best_head": best, "selection_losses": [float(v) for v in losses]}
     if history:
         metrics.update({f"final_{k}": v for k, v in history[-1].items()})
@@ -80,17 +82,18 @@ def _optimizer(cfg, model):
     return optimizer, [g["lr"] for g in groups]
 
 
-def _scan_step(logits_fn, optimizer, neighbors, entropy_weight):
+def _scan_step(logits_fn, engine, neighbors, entropy_weight, loss_backend):
     """One SCAN step; `logits_fn(anchors, partners)` returns the logits of both, anchors first."""
 
     def step(indices):
         partners = sample_neighbors(indices, neighbors)
         logits = logits_fn(indices, partners)
+        # pbar is the mean over the global batch; every rank gets the global loss, hence scale = world size.
         loss, total, consistency, entropy = scan_objective(logits[:, : len(indices)], logits[:, len(indices):],
-                                                           entropy_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+                                                           entropy_weight, process_group=engine.process_group,
+                                                           backend=loss_backend)
+        engine.backward(loss, scale=engine.world_size)
+        engine.step()
         return {"loss": float(total.mean()), "consistency": float(consistency.mean()),
                 "entropy": float(entropy.mean())}
 
@@ -104,10 +107,11 @@ def _train_full(cfg, ctx, model, neighbors, config_hash):
     optimizer, lrs = _optimizer(cfg, model)
     schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(len(images), s.batch_size))
     model.train()
-    step = _scan_step(lambda anchors, partners: model(torch.cat([view(images[anchors]), view(images[partners])])),
-                      optimizer, neighbors, s.entropy_weight)
-    return run_epochs(ctx, "scan", config_hash, {"model": model, "optimizer": optimizer}, len(images),
-                      s.batch_size, s.epochs, step, optimizer, schedule)
+    engine = ctx.engine(model, optimizer)
+    step = _scan_step(lambda anchors, partners: engine(torch.cat([view(images[anchors]), view(images[partners])])),
+                      engine, neighbors, s.entropy_weight, s.loss_backend)
+    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, len(images),
+                      s.batch_size, s.epochs, step, engine, schedule)
 
 
 def _train_heads(cfg, ctx, model, neighbors, config_hash):
@@ -116,7 +120,8 @@ def _train_heads(cfg, ctx, model, neighbors, config_hash):
     features = infer(ctx, model.backbone, ctx.train_set.images, desc="scan features").to(ctx.device)
     optimizer, lrs = _optimizer(cfg, model)
     schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(len(features), s.batch_size))
-    step = _scan_step(lambda anchors, partners: model.heads(features[torch.cat([anchors, partners]).to(ctx.device)]),
-                      optimizer, neighbors, s.entropy_weight)
-    return run_epochs(ctx, "scan", config_hash, {"model": model, "optimizer": optimizer}, len(features),
-                      s.batch_size, s.epochs, step, optimizer, schedule)
+    engine = ctx.engine(model.heads, optimizer)  # only the heads train: only they are wrapped
+    step = _scan_step(lambda anchors, partners: engine(features[torch.cat([anchors, partners]).to(ctx.device)]),
+                      engine, neighbors, s.entropy_weight, s.loss_backend)
+    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, len(features),
+                      s.batch_size, s.epochs, step, engine, schedule)

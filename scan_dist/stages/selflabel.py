@@ -44,35 +44,38 @@ def run(cfg, ctx, config_hash: str) -> dict:
                                sl.momentum)
     schedule = Schedule([sl.lr], total_steps=sl.epochs * steps_per_epoch(len(images), sl.batch_size))
     model.train()
+    engine = ctx.engine(model, optimizer)
 
     def step(indices):
         batch = images[indices]
         if teacher is not None:
             with torch.no_grad():
                 weak_logits = teacher(weak(batch))[0]
-            strong_logits = model(strong(batch))[0]
+            strong_logits = engine(strong(batch))[0]
         else:
             # One forward for both views so BatchNorm sees them together (as the paper, in train mode).
-            logits = model(torch.cat([weak(batch), strong(batch)]))[0]
+            logits = engine(torch.cat([weak(batch), strong(batch)]))[0]
             weak_logits, strong_logits = logits[: len(indices)].detach(), logits[len(indices):]
         mask, labels = confident_targets(weak_logits, sl.threshold)
-        loss = self_label_loss(strong_logits, labels, mask, sl.class_balance)
-        if loss is None:
+        # Counts per pseudo-class are global; each rank returns its share of the loss, hence scale = world size.
+        loss = self_label_loss(strong_logits, labels, mask, sl.class_balance, process_group=engine.process_group)
+        if loss is None:  # no confident sample in the global batch: every rank skips together
+            engine.zero_grad()
             return {"confident": 0.0}
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        engine.backward(loss, scale=engine.world_size)
+        engine.step()
         if teacher is not None:
             ema_update(teacher, model, sl.ema_decay)
-        return {"loss": loss.item(), "confident": float(mask.float().mean())}
+        return {"loss": loss.item() * engine.world_size, "confident": float(mask.float().mean())}
 
-    stateful = {"model": model, "optimizer": optimizer}
+    stateful = {"engine": engine}
     if teacher is not None:
         stateful["teacher"] = teacher
     history = run_epochs(ctx, "selflabel", config_hash, stateful, len(images), sl.batch_size, sl.epochs, step,
-                         optimizer, schedule)
+                         engine, schedule)
     final = teacher if teacher is not None else model
     out = ctx.stage_dir("selflabel") / "model.pt"
-    save_torch(out, {"model": final.state_dict()})
+    if ctx.is_main:
+        save_torch(out, {"model": final.state_dict()})
     metrics = {f"final_{k}": v for k, v in history[-1].items()} if history else {}
     return {"artifacts": {"model": str(out)}, "metrics": metrics}
