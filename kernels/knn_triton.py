@@ -69,9 +69,13 @@ ulp: the tensor cores may truncate).  Then
   whatever the summation order);
 * re-rank:      the fp32 score ``S`` computed on the host has ``|S - sum q_i x_i| <= g_ref sum|q_i x_i|``,
   ``g_ref = 2 (D+2) 2^-24``;
+* preparation:  the kernel's and the re-rank's normalised copies of a row are computed separately and may differ
+  by the rounding of the fp32 norm, ``(D+2) 2^-24`` relative per side: ``g_prep = 2 (D+2) 2^-24`` (0 for ip);
+* hardware assumption: fp32 MMA accumulation loses at most 2^-22 per addition (truncating fp32 adders, as
+  measured for fp16/bf16/tf32 tensor cores up to Hopper; NOT true of fp8 MMA, which is not used);
 * Cauchy-Schwarz: ``sum|q_i x_i| <= ||q|| ||x||`` (<= 1 for unit vectors) and ``||v||_1 <= sqrt(D) ||v||``.
 
-Hence ``|A_j - S_j| <= E = (2u + u^2 + (1+u)^2 g_acc + g_ref) ||q|| ||x_j|| + a (1+u)(1+g_acc) sqrt(D)
+Hence ``|A_j - S_j| <= E = (2u + u^2 + (1+u)^2 g_acc + g_ref + g_prep) ||q|| ||x_j|| + a (1+u)(1+g_acc) sqrt(D)
 (||q|| + ||x_j||) + D a^2 (1+g_acc) + 4 D 2^-149`` (the last term: fp32 underflow).  For cosine ``E ~= 2u``:
 fp16 0.0010 / 0.0017, tf32 0.0020 / 0.0027, bf16 0.0079 / 0.0086 at D = 128 / 2048.  For ``metric="ip"`` the
 same formula uses the real norms, ``||q||`` per query and ``max_j ||x_j||`` over the bank (banks whose norms vary a
@@ -132,7 +136,8 @@ Expected speed (H100; NOT measured -- no GPU in this session): the fp16 pass is 
 (2 Q N D = 4.2e14 flop at N = 1.28M, D = 128; ~0.45 s at 900 TFLOP/s) plus an epilogue of ~1 op per score when no
 row improves and ~6 ops per score per insertion round; the kernel holds ~234 registers / thread, so one program
 per SM and no overlap between programs' epilogues and MMAs: expect ~0.7-1.5 s at D = 128 (target <= 1.0 s) and
-~9-13 s at D = 2048 (target <= 12 s, GEMM-bound), plus the re-rank (Q K' D fp32 loads, ~0.1 s).  The exact fp32
+~9-13 s at D = 2048 (target <= 12 s, GEMM-bound), plus the re-rank, which is memory-bound (gather + normalise
++ dot of Q K' D fp32 values: 21 GB at D = 128, ~0.03 s; 335 GB at D = 2048, ~0.3-0.5 s).  The exact fp32
 path is bound by fp32 FMA throughput (~60 TFLOP/s): >= 7 s at D = 128, >= 110 s at D = 2048.
 """
 from __future__ import annotations
@@ -292,7 +297,7 @@ def _scan(queries: Tensor, keys: Tensor, slots: int, metric: str, precision: str
           prepared_keys: Tensor | None) -> tuple[Tensor, Tensor]:
     """Top-``slots`` of every query over all keys, canonical (-score, index) order, global int64 indices.
 
-    Scores are fp32 (precision="fp32") or approximate (bf16/tf32 inputs).  Rows that end with an empty slot (only
+    Scores are fp32 (precision="fp32") or approximate (fp16/bf16/tf32 inputs).  Rows that end with an empty slot (only
     possible with -inf/NaN scores) keep score -inf and index INT64_MAX there; callers check.
     """
     n_keys = keys.shape[0]
@@ -320,7 +325,7 @@ def _scan(queries: Tensor, keys: Tensor, slots: int, metric: str, precision: str
 
 
 def _budget(device: torch.device) -> int:
-    """Bytes allowed for one prepared (fp32 / bf16, normalised) copy of a query or key chunk."""
+    """Bytes allowed for one prepared (fp32 / 16-bit, normalised) copy of a query or key chunk."""
     return (8 << 30) if device.type == "cuda" else (256 << 20)
 
 
@@ -377,7 +382,8 @@ def error_bound(precision: str, dim: int, q_norm: Tensor, x_norm_max: float) -> 
     u, a = _ROUNDING[precision]
     g_acc = 2.0 * (dim + 2) * 2.0 ** -23
     g_ref = 2.0 * (dim + 2) * 2.0 ** -24
-    rel = 2.0 * u + u * u + (1.0 + u) ** 2 * g_acc + g_ref
+    g_prep = 2.0 * (dim + 2) * 2.0 ** -24
+    rel = 2.0 * u + u * u + (1.0 + u) ** 2 * g_acc + g_ref + g_prep
     absolute = a * (1.0 + u) * math.sqrt(dim) * (1.0 + g_acc)
     tiny = dim * a * a * (1.0 + g_acc) + 4.0 * dim * 2.0 ** -149
     return rel * q_norm * x_norm_max + absolute * (q_norm + x_norm_max) + tiny
@@ -419,7 +425,7 @@ def default_candidates(k: int, precision: str) -> int:
 
 
 def _fast(queries: Tensor, keys: Tensor, k: int, metric: str, precision: str, key_chunk: int, query_chunk: int,
-          candidates: int | None) -> tuple[Tensor, Tensor, dict]:
+          candidates: int | None, exact_chunks: tuple[int, int]) -> tuple[Tensor, Tensor, dict]:
     """Exact top-k via low-precision candidates.  Stats: how many rows each pass proved, and how many were redone
     by the exact fp32 kernel."""
     n_q, n_keys = queries.shape[0], keys.shape[0]
@@ -460,7 +466,7 @@ def _fast(queries: Tensor, keys: Tensor, k: int, metric: str, precision: str, ke
         if todo.numel() == 0:
             break
     if todo.numel():
-        s, i = _exact(queries[todo], keys, k, metric, key_chunk, query_chunk)
+        s, i = _exact(queries[todo], keys, k, metric, *exact_chunks)
         out_s[todo], out_i[todo] = s, i
     stats["exact"] = int(todo.numel())
     return out_s, out_i, stats
@@ -502,12 +508,13 @@ def knn_triton_stats(queries, keys, k, metric="cosine", chunk_size=None, query_c
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
             raise ValueError(f"{name} must be a positive int or None, got {value!r}")
     key_chunk, query_chunk = _chunks(queries, keys, precision, chunk_size, query_chunk_size)
+    exact_chunks = _chunks(queries, keys, "fp32", chunk_size, query_chunk_size)
     n_q = queries.shape[0]
     if _next_pow2(k) > MAX_K_PAD:
         # The per-row buffer would not fit in registers; the torch path is exact too.
         s, i = _knn_torch(queries, keys, k, metric, min(keys.shape[0], 8192), max(1, (1 << 24) // 8192))
         return s, i, {"rows": n_q, "candidates": [], "proved": [], "exact": 0, "torch": n_q}
     if precision == "fp32":
-        s, i = _exact(queries, keys, k, metric, key_chunk, query_chunk)
+        s, i = _exact(queries, keys, k, metric, *exact_chunks)
         return s, i, {"rows": n_q, "candidates": [], "proved": [], "exact": n_q}
-    return _fast(queries, keys, k, metric, precision, key_chunk, query_chunk, candidates)
+    return _fast(queries, keys, k, metric, precision, key_chunk, query_chunk, candidates, exact_chunks)

@@ -14,6 +14,7 @@ saves its own sharded checkpoint from every rank.
 from __future__ import annotations
 
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -84,7 +85,7 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, num_items: int
     local = batch // world
     epoch, step, history, sums = 0, 0, [], {}
     payload = load_checkpoint(ckpt_path, config_hash)
-    if payload is not None and sharded and not optimizer.load_sharded(shard_dir, "latest"):
+    if payload is not None and sharded and not optimizer.load_sharded(shard_dir, payload["position"].get("shard_tag")):
         payload = None  # the position file without its shards cannot be resumed
     if payload is not None:
         restore(payload, stateful)
@@ -93,11 +94,18 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, num_items: int
         ctx.log.info("%s: resuming at epoch %d, step %d from %s", stage, epoch + 1, step, ckpt_path)
 
     def checkpoint():
+        position = {"epoch": epoch, "step": step, "history": history, "sums": sums}
         if sharded:
-            optimizer.save_sharded(shard_dir, "latest")
+            # A new tag per checkpoint: the position file (written last, atomically) names complete shards only;
+            # a kill during a shard save leaves the previous pair intact.
+            position["shard_tag"] = f"epoch{epoch}_step{step}"
+            optimizer.save_sharded(shard_dir, position["shard_tag"])
         if comm.is_main():
-            save_checkpoint(ckpt_path, config_hash,
-                            {"epoch": epoch, "step": step, "history": history, "sums": sums}, stateful)
+            save_checkpoint(ckpt_path, config_hash, position, stateful)
+            if sharded:
+                for old in shard_dir.iterdir():
+                    if old.is_dir() and old.name != position["shard_tag"]:
+                        shutil.rmtree(old, ignore_errors=True)
         comm.barrier()  # nobody runs ahead of a checkpoint that is still being written
 
     every = max(1, ctx.cfg.run.checkpoint_every_steps)

@@ -340,6 +340,13 @@ class Engine:
         deepspeed.init_distributed(dist_backend=self.env.backend,
                                    timeout=datetime.timedelta(seconds=self.timeout_s))
         self.ds_config = deepspeed_config(cfg_dist, self.world_size)
+        # DeepSpeed broadcasts each parameter as a byte view, which needs unit stride: channels_last conv weights
+        # fail ("self.stride(-1) must be 1"). Same parameter objects, so the optimizer stays valid; activations may
+        # stay channels_last.
+        with torch.no_grad():
+            for param in self.module.parameters():
+                if not param.is_contiguous():
+                    param.data = param.data.contiguous()
         engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.optimizer, config=self.ds_config,
                                                dist_init_required=False)
         self._ds = engine
