@@ -1,8 +1,9 @@
 """Compute kernels for scan_dist: the SCAN loss and exact k-NN mining.
 
-Installed as ``scan_dist.kernels``.  Everything here is currently pure torch
-(exact, fp32); Triton kernels are pending and will slot in behind the same
-public functions.
+Installed as ``scan_dist.kernels``.  Each public function takes ``backend=auto|triton|torch``
+(see ``_dispatch.py``): ``auto`` runs the Triton kernel on CUDA and the exact pure-torch reference
+elsewhere.  The Triton code lives in ``scan_loss_triton.py`` and ``knn_triton.py`` and is imported
+only when used, so the package works where Triton is not installed.
 """
 
 from .knn import knn, knn_faiss, knn_reference, knn_sharded, select_backend

@@ -70,7 +70,8 @@ class MineConfig:
     features: str = "pretext"  # pretext | pixels | both: the space the neighbours are searched in
     layer: str = "projection"  # pretext embedding used: projection (SimCLR head output) | backbone
     pca_dims: int = 64  # dimensions of the pixel PCA used by features=pixels|both
-    backend: str = "auto"  # auto | torch | faiss | triton
+    backend: str = "auto"  # auto (Triton on CUDA, else torch) | torch | faiss | triton
+    precision: str = "fp32"  # k-NN scores: fp32 | fp16 (Triton fast path: fp16 candidates, fp32 re-rank, still exact)
     eval_k: int = 5  # neighbours mined within the evaluation set (head selection only; no labels)
 
 
@@ -156,6 +157,7 @@ _CHOICES = {
     "pretext.optimizer": ("sgd", "adam"),
     "mine.features": ("pretext", "pixels", "both"),
     "mine.backend": ("auto", "torch", "faiss", "triton"),
+    "mine.precision": ("fp32", "fp16"),
     "mine.layer": ("projection", "backbone"),
     "scan.mode": ("full", "head"),
     "scan.init": ("pretext", "random"),

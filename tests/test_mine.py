@@ -1,4 +1,5 @@
 """Mining: self removal with duplicates, pixel PCA, and neighbours found in each search space."""
+import pytest
 import torch
 
 from scan_dist.stages.mine import drop_self, find_neighbors, fit_pixel_pca, project_pixels
@@ -37,3 +38,14 @@ def test_pixel_pca_projects_onto_top_components():
     assert train.shape == (100, 3)
     variance = train.var(dim=0)
     assert variance[0] > 100 * variance[1:].max()
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_find_neighbors_triton_backend_equals_torch(precision):
+    """mine.backend=triton (Triton's interpreter on CPU in CI) gives the torch backend's exact neighbours."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(5)
+    vectors = torch.nn.functional.normalize(torch.randn(70, 24, generator=gen), dim=1)
+    vectors[7] = vectors[3]  # a duplicate: ties go to the smaller index on both backends
+    expected = find_neighbors(vectors, 6, "torch", torch.device("cpu"))
+    assert torch.equal(find_neighbors(vectors, 6, "triton", torch.device("cpu"), precision), expected)

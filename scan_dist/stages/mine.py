@@ -57,7 +57,7 @@ def drop_self(index: torch.Tensor, k: int) -> torch.Tensor:
     return index[keep].reshape(len(index), k)
 
 
-def find_neighbors(vectors: torch.Tensor, k: int, backend: str, device) -> torch.Tensor:
+def find_neighbors(vectors: torch.Tensor, k: int, backend: str, device, precision: str = "fp32") -> torch.Tensor:
     """k neighbours of every row among the others. With N processes the bank is sharded: each rank searches its
     contiguous slice of the keys and the candidates are merged (kernels.knn_sharded); all ranks get the result."""
     k = min(k, len(vectors) - 1)
@@ -71,17 +71,18 @@ def find_neighbors(vectors: torch.Tensor, k: int, backend: str, device) -> torch
         # gloo moves CPU tensors only: the merge then runs on the CPU
         merge_device = device if torch.device(device).type == "cuda" else "cpu"
         _, index = kernels.knn_sharded(queries.to(merge_device), vectors[start:stop].to(merge_device), k + 1,
-                                       comm.group(), key_offset=start, metric="ip", backend=chosen)
+                                       comm.group(), key_offset=start, metric="ip", backend=chosen,
+                                       precision=precision)
     else:
-        _, index = kernels.knn(queries, queries, k + 1, metric="ip", backend=chosen)
+        _, index = kernels.knn(queries, queries, k + 1, metric="ip", backend=chosen, precision=precision)
     return drop_self(index.cpu(), k)
 
 
 def run(cfg, ctx, config_hash: str) -> dict:
     train, evals = search_space(cfg, ctx)
     out_dir = ctx.stage_dir("mine")
-    train_nn = find_neighbors(train, cfg.mine.k, cfg.mine.backend, ctx.device)
-    eval_nn = find_neighbors(evals, cfg.mine.eval_k, cfg.mine.backend, ctx.device)
+    train_nn = find_neighbors(train, cfg.mine.k, cfg.mine.backend, ctx.device, cfg.mine.precision)
+    eval_nn = find_neighbors(evals, cfg.mine.eval_k, cfg.mine.backend, ctx.device, cfg.mine.precision)
     if ctx.is_main:
         save_numpy(out_dir / "train_neighbors.npy", train_nn.numpy())
         save_numpy(out_dir / "eval_neighbors.npy", eval_nn.numpy())
