@@ -142,3 +142,24 @@ def test_killed_rank_fails_fast_and_relaunch_resumes(two_ddp, tmp_path):
     # Resume is exact: the same numbers as the uninterrupted 2-process run.
     assert stage_losses(resumed) == pytest.approx(stage_losses(reference), rel=1e-9)
     assert resumed["acc"] == pytest.approx(reference["acc"], abs=1e-9)
+
+
+def test_ddp_run_resumes_on_another_number_of_processes(one_process, tmp_path):
+    """Killed as 2 DDP processes mid-pretext, resumed as 1: the checkpoint holds no per-rank state."""
+    run_dir = tmp_path / "regrid"
+    proc = subprocess.Popen(launch_cmd(run_dir, "dist.backend=ddp", nproc=2), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    checkpoint = run_dir / "pretext" / "checkpoint.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the pretext stage wrote a checkpoint"
+    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    proc.communicate(timeout=60)
+    assert not (run_dir / "pretext" / "DONE").exists(), "the kill landed after the stage finished"
+    run(launch_cmd(run_dir, "dist.backend=ddp"))
+    assert "pretext: resuming at epoch 1" in (run_dir / "log.txt").read_text()
+    resumed = metrics(run_dir)
+    assert resumed["world_size"] == 1
+    for key, value in stage_losses(one_process).items():
+        assert stage_losses(resumed)[key] == pytest.approx(value, rel=2e-3), key
