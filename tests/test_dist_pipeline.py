@@ -104,6 +104,19 @@ def test_two_nodes_on_localhost_equal_two_processes(two_ddp, tmp_path):
     assert nodes["acc"] == pytest.approx(ddp["acc"], abs=1e-6)
 
 
+def _pids(run_dir: Path) -> list[int]:
+    """Every process (torchrun's agent and its workers) whose command line names run_dir."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if str(run_dir).encode() in (entry / "cmdline").read_bytes().split(b"\0"):
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
 def _rank_pid(run_dir: Path, rank: int) -> int | None:
     """The pid of the worker with RANK=rank running on run_dir (torchrun's children)."""
     for entry in Path("/proc").iterdir():
@@ -148,13 +161,17 @@ def test_ddp_run_resumes_on_another_number_of_processes(one_process, tmp_path):
     """Killed as 2 DDP processes mid-pretext, resumed as 1: the checkpoint holds no per-rank state."""
     run_dir = tmp_path / "regrid"
     proc = subprocess.Popen(launch_cmd(run_dir, "dist.backend=ddp", nproc=2), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True)
     checkpoint = run_dir / "pretext" / "checkpoint.pt"
     deadline = time.time() + 300
     while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     assert proc.poll() is None, "the run ended before the pretext stage wrote a checkpoint"
-    os.killpg(proc.pid, signal.SIGKILL)  # torchrun and both workers
+    for pid in _pids(run_dir):  # torchrun's agent and both workers (they run in their own sessions)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.communicate(timeout=60)
     assert not (run_dir / "pretext" / "DONE").exists(), "the kill landed after the stage finished"
     run(launch_cmd(run_dir, "dist.backend=ddp"))
