@@ -118,6 +118,10 @@ CEILING = {
     "source": "measured elsewhere on the GPU machine, not by this script",
 }
 TARGET_RATIO = 0.9
+DS_CHANNELS_LAST_NOTE = (
+    "deepspeed + channels_last fails in Engine._init_deepspeed: it makes only parameters with is_contiguous() False "
+    "contiguous, but a 1x1 conv weight in channels_last has is_contiguous() True and stride(-1) = C_in != 1, so "
+    "DeepSpeed's byte-view broadcast raises; use --channels-last off for deepspeed rows until the engine is fixed")
 BENCH_LR = 1e-4
 MOMENTUM = 0.9
 ENTROPY_WEIGHT = 5.0
@@ -199,11 +203,10 @@ def _row_plan(args, world: int, device: torch.device) -> list[dict]:
 
 
 class _Row:
-    """Builds the model, optimizer, engine, inputs and step function of one row; `close()` frees them."""
+    """One row: the model and optimizer (``__init__``), then the engine, inputs and step (``start``); ``close()``
+    frees them."""
 
     def __init__(self, args, spec_row: dict, env, device: torch.device):
-        from scan_dist.data.augment import AugmentConfig, make_transform
-        from scan_dist.dist.engine import Engine
         from scan_dist.models.backbones import build_backbone
         from scan_dist.models.heads import ClusterHeads, ClusterModel
         from scan_dist.stages.common import make_optimizer
@@ -223,6 +226,7 @@ class _Row:
         self.classes = args.classes or stage["classes"]
         self.memory_format = torch.channels_last if spec_row["channels_last"] else torch.contiguous_format
         self.device = device
+        self.pool_size = max(2 * self.local, 16)
 
         backbone = build_backbone(name, 3)
         model = ClusterModel(backbone, ClusterHeads(backbone.out_dim, self.classes, self.heads))
@@ -247,7 +251,19 @@ class _Row:
         self.trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         self.params = sum(p.numel() for p in model.parameters())
         self.bn_layers = sum(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
-        self.engine = Engine(model, optimizer, cfg_dist, env)
+        self._deferred = (args, spec, stage, optimizer, cfg_dist, env)
+        self.engine = None
+        self.last: dict = {}
+
+    def start(self) -> None:
+        """The engine (DDP / DeepSpeed wrapping, SyncBatchNorm), torch.compile, the data and the step function."""
+        from scan_dist.data.augment import AugmentConfig, make_transform
+        from scan_dist.dist.engine import Engine
+
+        args, spec, stage, optimizer, cfg_dist, env = self._deferred
+        self._deferred = None
+        spec_row, kind, device = self.row, self.row["step"], self.device
+        self.engine = Engine(self.model, optimizer, cfg_dist, env)
         if spec_row["compile"]:
             if self.engine._ds is not None:
                 self.engine._ds.compile()
@@ -255,7 +271,6 @@ class _Row:
                 self.engine.model = torch.compile(self.engine.model)
 
         # Synthetic data on the device: a pool twice the local batch, indexed by CPU indices every step.
-        self.pool_size = max(2 * self.local, 16)
         gen = torch.Generator().manual_seed(1234 + self.rank)
         shape = (self.pool_size, 3, self.image_size, self.image_size)
         if spec_row["augment"]:
@@ -278,7 +293,6 @@ class _Row:
         else:
             self._step = self._selflabel_step(view("eval"), view(stage["view"]), stage["class_balance"],
                                               args.threshold)
-        self.last: dict = {}
 
     # ------------------------------------------------------------------ the steps
     def _scan_step(self, view):
@@ -343,7 +357,7 @@ class _Row:
                 "loss_floats": loss_floats, "pool_images": self.pool_size}
 
     def close(self) -> None:
-        for name in ("engine", "model", "teacher", "images", "neighbors", "_step"):
+        for name in ("engine", "model", "teacher", "images", "neighbors", "_step", "_deferred"):
             setattr(self, name, None)
         gc.collect()
         if self.device.type == "cuda":
@@ -357,6 +371,7 @@ def _run_row(args, spec_row: dict, env, device: torch.device) -> dict:
     try:
         bench = _Row(args, spec_row, env, device)
         row.update(bench.facts())
+        bench.start()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         bench.engine.barrier()
@@ -420,6 +435,8 @@ def main(argv=None) -> int:
             continue
         row = _run_row(args, spec_row, env, device)
         rows.append(row)
+        if "stride(-1) must be 1" in row.get("note", "") and DS_CHANNELS_LAST_NOTE not in notes:
+            notes.append(DS_CHANNELS_LAST_NOTE)
         if env.is_main:
             print(f"[{len(rows)}/{len(plan)}] {row['model']} {row['step']} {row['backend']}"
                   f"{'-z' + str(row['zero']) if row['backend'] == 'deepspeed' else ''} {row['precision']} "

@@ -563,3 +563,18 @@ def test_collective_timeout_raises_instead_of_hanging(tmp_path):
 
 if __name__ == "__main__":
     _main(sys.argv[1:])
+
+
+def test_unit_stride_parameters_fixes_channels_last_1x1_convs():
+    """DeepSpeed's byte-view broadcast needs stride(-1) == 1; a channels_last 1x1 conv weight has stride C_in."""
+    from scan_dist.dist.engine import unit_stride_parameters
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 4, 3)).to(
+        memory_format=torch.channels_last)
+    before = [p for p in model.parameters()]
+    values = [p.detach().clone() for p in before]
+    assert model[0].weight.stride(-1) != 1 and model[0].weight.is_contiguous()
+    unit_stride_parameters(model)
+    assert all(p.stride(-1) == 1 for p in model.parameters())
+    assert all(a is b for a, b in zip(before, model.parameters()))
+    assert all(torch.equal(p, v) for p, v in zip(model.parameters(), values))

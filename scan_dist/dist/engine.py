@@ -188,6 +188,19 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return output
 
 
+def unit_stride_parameters(module: nn.Module) -> None:
+    """Give every parameter plain row-major strides, in place (the same Parameter objects: optimizers stay valid).
+
+    DeepSpeed broadcasts each parameter as a byte view, which needs stride(-1) == 1. A channels_last conv weight
+    fails ("self.stride(-1) must be 1"), including a 1x1 one, which still reports is_contiguous() == True.
+    Activations may stay channels_last.
+    """
+    with torch.no_grad():
+        for param in module.parameters():
+            if param.dim() > 0 and (param.stride(-1) != 1 or not param.is_contiguous()):
+                param.data = param.data.clone(memory_format=torch.contiguous_format)
+
+
 def _has_batchnorm(module: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in module.modules())
 
@@ -340,13 +353,7 @@ class Engine:
         deepspeed.init_distributed(dist_backend=self.env.backend,
                                    timeout=datetime.timedelta(seconds=self.timeout_s))
         self.ds_config = deepspeed_config(cfg_dist, self.world_size)
-        # DeepSpeed broadcasts each parameter as a byte view, which needs unit stride: channels_last conv weights
-        # fail ("self.stride(-1) must be 1"). Same parameter objects, so the optimizer stays valid; activations may
-        # stay channels_last.
-        with torch.no_grad():
-            for param in self.module.parameters():
-                if not param.is_contiguous():
-                    param.data = param.data.contiguous()
+        unit_stride_parameters(self.module)
         engine, _, _, _ = deepspeed.initialize(model=self.module, optimizer=self.optimizer, config=self.ds_config,
                                                dist_init_required=False)
         self._ds = engine
