@@ -13,11 +13,13 @@ setup(
         "scan_dist.models",
         "scan_dist.dist",
         "scan_dist.kernels",
+        "scan_dist.slurm_profiles",
     ],
-    package_dir={"scan_dist.kernels": "kernels"},
+    package_dir={"scan_dist.kernels": "kernels", "scan_dist.slurm_profiles": "slurm/profiles"},
     package_data={
         "scan_dist": ["presets/*.yaml"],
         "scan_dist.data": ["imagenet_subsets/*.txt", "imagenet_subsets/*.md"],
+        "scan_dist.slurm_profiles": ["*.yaml"],
     },
     install_requires=[
         "torch>=2.4",
@@ -30,6 +32,7 @@ setup(
         "matplotlib",
         "pillow",
         "pyyaml",
+        "submitit",
     ],
     extras_require={
         "test": ["pytest", "faiss-cpu", "deepspeed"],

@@ -126,6 +126,28 @@ class DistConfig:
 
 
 @dataclass
+class SlurmConfig:
+    """Resources for `--nodes N` (SLURM through submitit). Unset (null) fields come from the cluster profile
+    `slurm/profiles/<profile>.yaml` (or a YAML file path); set ones override it."""
+
+    profile: str = "default"  # a profile name in slurm/profiles, or a path to a profile YAML
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclusive: Optional[bool] = None
+    gpus_per_node: Optional[int] = None  # also --gpus-per-node; one task per GPU
+    tasks_per_node: Optional[int] = None  # default: gpus_per_node (1 when the nodes have no GPU)
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[float] = None  # per node
+    time_min: Optional[int] = None  # time limit per job; a job that reaches it checkpoints and requeues itself
+    signal_delay_s: Optional[int] = None  # SLURM warns (USR2) this long before the time limit
+    max_requeues: Optional[int] = None  # requeues on time limit before giving up (preemptions do not count)
+    extra_sbatch: Optional[List[str]] = None  # more "#SBATCH" flags, e.g. ["--mail-type=END", "--reservation=x"]
+    setup: Optional[List[str]] = None  # shell lines run before the tasks start (module load, conda activate)
+
+
+@dataclass
 class RunConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
@@ -148,6 +170,7 @@ class Config:
     scan: ScanConfig = field(default_factory=ScanConfig)
     selflabel: SelfLabelConfig = field(default_factory=SelfLabelConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
 

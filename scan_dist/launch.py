@@ -7,6 +7,7 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from .config import Config, available_presets, load_config, to_yaml
 from .context import RunContext
 from .dist import env as dist_env
 from .errors import ConfigError, ScanDistError
-from .io_utils import write_text
+from .io_utils import write_json, write_text
 from .logs import setup_logging
 from .pipeline import plan, run_pipeline
 
@@ -27,18 +28,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m scan_dist.launch",
         description="SCAN: learning to classify images without labels. Runs pretext -> embed -> mine -> scan -> "
-                    "selflabel -> evaluate into a run folder; finished stages are skipped, killed ones resume.",
-        epilog=f"presets: {', '.join(available_presets())}. Example: python -m scan_dist.launch --local demo "
-               "scan.epochs=5 data.path=/data/fmnist",
+                    "selflabel -> evaluate into a run folder; finished stages are skipped, killed ones resume. "
+                    "Also: `status RUN_DIR` and `cancel RUN_DIR` for runs submitted with --nodes.",
+        epilog=f"presets: {', '.join(available_presets())}. Examples: python -m scan_dist.launch --local demo "
+               "scan.epochs=5 data.path=/data/fmnist; python -m scan_dist.launch --nodes 8 imagenet1k "
+               "slurm.partition=gpu; python -m scan_dist.launch --resume runs/imagenet1k",
     )
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--local", action="store_true", help="run on this machine (the default)")
-    where.add_argument("--nodes", type=int, metavar="N", help="submit to SLURM on N nodes (not implemented yet)")
-    parser.add_argument("--dry-run", action="store_true", help="print the resolved config and the stage plan only")
+    where.add_argument("--nodes", type=int, metavar="N", help="submit to SLURM on N nodes (submitit; one task per GPU)")
+    parser.add_argument("--gpus-per-node", type=int, metavar="G", help="GPUs (= tasks) per node (default: profile, 8)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan (config, stages, for --nodes the resources, sbatch script and a GPU-hour "
+                             "estimate) and write plan.json in the run folder; runs and submits nothing")
     parser.add_argument("--run-dir", type=Path, help="run folder (default: runs/<preset name>)")
-    parser.add_argument("preset", metavar="PRESET_OR_YAML", help="a preset name or a .yaml config file")
+    parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
+                        help="continue a run from its folder (its config.yaml; resubmitted if it was a --nodes run)")
+    parser.add_argument("--wait", action="store_true", help="with --nodes: block until the job ends")
+    parser.add_argument("preset", metavar="PRESET_OR_YAML", nargs="?", help="a preset name or a .yaml config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. scan.epochs=20")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.resume is None and args.preset is None:
+        parser.error("give a preset (or a YAML file), or --resume RUN_DIR")
+    if args.resume is not None and args.preset is not None:
+        # `--resume RUN_DIR key=value`: argparse puts the first override in `preset`.
+        args.overrides = [args.preset, *args.overrides]
+        args.preset = None
+    return args
 
 
 def git_commit() -> str | None:
@@ -51,9 +67,11 @@ def git_commit() -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return _main(args)
+        if argv and argv[0] in ("status", "cancel"):
+            return _job_command(argv)
+        return _main(parse_args(argv))
     except ScanDistError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -62,19 +80,119 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _job_command(argv: list[str]) -> int:
+    """`status RUN_DIR` / `cancel RUN_DIR`: the SLURM jobs of a run."""
+    if len(argv) != 2:
+        raise ConfigError(f"usage: python -m scan_dist.launch {argv[0]} RUN_DIR")
+    run_dir = Path(argv[1])
+    if not run_dir.is_dir():
+        raise ConfigError(f"run folder {run_dir} does not exist")
+    from . import cluster
+
+    if argv[0] == "status":
+        print(cluster.status_text(run_dir))
+        return 0
+    cancelled = cluster.cancel(run_dir)
+    print(f"cancelled {', '.join(cancelled)}" if cancelled else "no running or queued job to cancel")
+    return 0
+
+
 def _main(args: argparse.Namespace) -> int:
+    launch_info: dict = {}
+    if args.resume is not None:
+        run_dir = args.resume
+        config_path = run_dir / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
+        cfg = load_config(str(config_path), args.overrides)
+        launch_info = _read_launch_info(run_dir)
+        if args.nodes is None and not args.local and launch_info.get("mode") == "slurm":
+            args.nodes = launch_info["nodes"]
+            args.gpus_per_node = args.gpus_per_node if args.gpus_per_node is not None else launch_info.get(
+                "gpus_per_node")
+    else:
+        cfg = load_config(args.preset, args.overrides)
+        run_dir = args.run_dir or Path("runs") / cfg.name
     if args.nodes is not None:
-        raise ScanDistError("--nodes (SLURM submission) is not implemented yet; use --local to run here "
-                            "or --dry-run to print the plan")
-    cfg = load_config(args.preset, args.overrides)
-    run_dir = args.run_dir or Path("runs") / cfg.name
+        return _slurm(cfg, run_dir, args)
     if args.dry_run:
         print(to_yaml(cfg))
         print(f"run folder: {run_dir}")
-        for stage, action in plan(cfg, run_dir):
+        stages = plan(cfg, run_dir)
+        for stage, action in stages:
             print(f"  {stage:<10} {action}")
+        _write_plan(run_dir, {"nodes": 0, "gpus_per_node": 0, "tasks": 1, "mode": "local", "preset": cfg.name,
+                              "stages": [{"name": n, "action": a} for n, a in stages]})
         return 0
     return run_local(cfg, run_dir)
+
+
+def _read_launch_info(run_dir: Path) -> dict:
+    path = run_dir / "launch.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_plan(run_dir: Path, payload: dict) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json(run_dir / "plan.json", payload)
+    print(f"plan written to {run_dir / 'plan.json'}")
+
+
+def _slurm(cfg: Config, run_dir: Path, args: argparse.Namespace) -> int:
+    from . import cluster
+
+    resources = cluster.resolve_resources(cfg, args.nodes, args.gpus_per_node)
+    backend = cluster.job_backend(cfg, resources)
+    if backend != cfg.dist.backend:
+        print(f"note: {resources.tasks} tasks need a distributed engine; using dist.backend={backend}")
+        cfg.dist.backend = backend
+    if args.dry_run:
+        the_plan = cluster.plan(cfg, run_dir, resources, plan(cfg, run_dir))
+        print(_format_slurm_plan(the_plan))
+        _write_plan(run_dir, the_plan)
+        return 0
+    cluster.require_slurm()
+    RunContext(cfg, run_dir, setup_logging(None)).check_data_path()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    commit = git_commit()
+    write_text(run_dir / "config.yaml", (f"# git commit: {commit}\n" if commit else "") + to_yaml(cfg))
+    write_json(run_dir / "launch.json", {"mode": "slurm", "nodes": resources.nodes,
+                                         "gpus_per_node": resources.gpus_per_node})
+    job_id = cluster.submit(cfg, run_dir, resources)
+    print(f"submitted job {job_id}: {resources.nodes} node(s) x {resources.tasks_per_node} task(s), "
+          f"dist.backend={cfg.dist.backend}")
+    print(f"  progress: tail -f {run_dir / 'log.txt'}")
+    print(f"  task logs: {run_dir / 'slurm' / job_id}/")
+    print(f"  python -m scan_dist.launch status {run_dir}   |   python -m scan_dist.launch cancel {run_dir}")
+    if not args.wait:
+        return 0
+    state = cluster.wait(job_id, run_dir)
+    print(f"job {job_id}: {state}")
+    return 0 if state == "COMPLETED" else 1
+
+
+def _format_slurm_plan(p: dict) -> str:
+    r = p["resources"]
+    lines = [f"SLURM plan for preset {p['preset']} -> run folder {p['run_dir']}",
+             f"  {p['nodes']} node(s) x {p['tasks_per_node']} task(s) = {p['tasks']} processes, "
+             f"{p['gpus_per_node']} GPU(s) per node, dist.backend={p['dist_backend']}",
+             f"  per task: {r['cpus_per_task'] or 'default'} CPUs; per node: {r['mem_gb'] or 'default'} GB; "
+             f"time limit {r['time_min']} min per job, USR2 {r['signal_delay_s']} s before it, "
+             f"up to {r['max_requeues']} requeues on time limit",
+             f"  partition={r['partition']} account={r['account']} qos={r['qos']} constraint={r['constraint']} "
+             f"exclusive={r['exclusive']}",
+             "  stages (one job runs them all; a requeued job skips finished ones and resumes the current one):"]
+    for stage in p["stages"]:
+        lines.append(f"    {stage['name']:<10} {stage['action']:<12} -> {', '.join(stage['artifacts'])}")
+    est = p["estimate"]
+    if est.get("gpu_hours") is not None:
+        lines.append(f"  estimate: {est['gpu_hours']} GPU-hours ({est['wall_hours_at_perfect_scaling']} h wall at "
+                     f"perfect scaling) for {est['train_images']} training images at {est['throughput_img_s_per_gpu']:.0f} "
+                     f"img/s per GPU ({est['throughput_source']}); per stage: {est['per_stage_gpu_hours']}")
+    else:
+        lines.append(f"  estimate: not available ({est.get('why')})")
+    lines += ["  sbatch script submitit will write:", *("    " + line for line in p["sbatch"].splitlines())]
+    return "\n".join(lines)
 
 
 def run_local(cfg: Config, run_dir: Path) -> int:

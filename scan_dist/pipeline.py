@@ -48,6 +48,17 @@ STAGES: dict[str, Callable] = {
 }
 
 
+# What each stage leaves in the run folder (for the --dry-run plan).
+STAGE_ARTIFACTS = {
+    "pretext": ["pretext/model.pt"],
+    "embed": ["embed/train.npy", "embed/eval.npy"],
+    "mine": ["mine/train_neighbors.npy", "mine/eval_neighbors.npy", "mine/pca.pt (mine.features=pixels|both)"],
+    "scan": ["scan/model.pt"],
+    "selflabel": ["selflabel/model.pt"],
+    "evaluate": ["assignments.csv", "confusion.png", "prototypes.png", "metrics.json", "report.md"],
+}
+
+
 def stage_hashes(cfg: Config) -> dict[str, str]:
     hashes, upstream = {}, ""
     for name, parts in _sections(cfg).items():  # seed is part of pretext's section, so every hash carries it

@@ -1,6 +1,7 @@
 """The command line: one-line errors with exit status 2, --dry-run, --nodes without SLURM, unlabelled folders."""
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -11,9 +12,9 @@ from PIL import Image
 from scan_dist.launch import main
 
 
-def run_cli(*args):
+def run_cli(*args, env=None):
     return subprocess.run([sys.executable, "-m", "scan_dist.launch", *args], capture_output=True, text=True,
-                          timeout=300)
+                          timeout=300, env=env)
 
 
 def assert_one_line_error(result, *fragments, alone=True):
@@ -38,9 +39,12 @@ def test_missing_data_path_names_it(tmp_path):
     assert_one_line_error(result, str(missing), "cifar-10-batches-py")
 
 
-def test_nodes_without_slurm_points_to_local():
-    result = run_cli("--nodes", "2", "smoke")
-    assert_one_line_error(result, "--local", "--dry-run")
+def test_nodes_without_slurm_points_to_local(tmp_path):
+    # A PATH without sbatch, even where CI runs a local cluster.
+    env = {k: v for k, v in os.environ.items() if k not in ("SLURM_CONF",)}
+    env["PATH"] = str(tmp_path)
+    result = run_cli("--nodes", "2", "--run-dir", str(tmp_path / "run"), "smoke", env=env)
+    assert_one_line_error(result, "sbatch", "--local", "--dry-run")
 
 
 def test_dry_run_prints_plan(tmp_path, capsys):
