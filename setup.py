@@ -37,5 +37,6 @@ setup(
     extras_require={
         "test": ["pytest", "faiss-cpu", "deepspeed"],
         "faiss": ["faiss-cpu"],
+        "dali": ["nvidia-dali-cuda130"],
     },
 )

@@ -36,6 +36,7 @@ class DataConfig:
     mean: Optional[List[float]] = None  # per-channel normalisation mean; None: measured on the training images
     std: Optional[List[float]] = None  # per-channel normalisation std; None: measured on the training images
     num_threads: int = 4  # image decoding threads
+    backend: str = "auto"  # augmentation: auto (DALI when installed and on CUDA) | torchvision (batched torch) | dali
 
     def __post_init__(self):
         if self.on_bad_image not in ("fail", "skip"):
@@ -175,6 +176,7 @@ class Config:
 
 
 _CHOICES = {
+    "data.backend": ("auto", "torchvision", "dali"),
     "data.format": ("auto", "idx", "imagefolder", "flat", "imagenet", "cifar10", "cifar100", "cifar20", "stl10"),
     "model.backbone": ("cnn_small", "resnet18_cifar", "resnet18_stl", "resnet50"),
     "pretext.optimizer": ("sgd", "adam"),

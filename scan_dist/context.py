@@ -114,11 +114,32 @@ class RunContext:
         std = images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
         return mean, std
 
+    @cached_property
+    def augment_backend(self) -> str:
+        """data.backend resolved for this device: "torchvision" (batched torch ops) or "dali"."""
+        from .data import dali
+
+        backend = dali.resolve_backend(self.cfg.data.backend, self.device)
+        if backend == "dali":
+            self.log.info("augmentations: NVIDIA DALI (per-sample randomness is DALI's: N processes and a resumed "
+                          "run see other views than one uninterrupted process)")
+        return backend
+
     def transform(self, kind: str):
-        """A batched augmentation (uint8 [B,C,S,S] -> normalised float) of the given kind."""
+        """A batched augmentation (uint8 [B,C,S,S] -> normalised float on the device) of the given kind."""
         mean, std = self.normalization
-        base = augment.make_transform(kind, self.cfg.augment, mean, std)
         memory_format = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
+        if self.augment_backend == "dali":
+            from .data import dali
+
+            base = dali.make_dali_transform(kind, self.cfg.augment, mean, std, device=self.device)
+
+            def apply_dali(batch_uint8: torch.Tensor) -> torch.Tensor:
+                # DALI takes host arrays and returns the batch on the device already.
+                return base(batch_uint8.cpu()).contiguous(memory_format=memory_format)
+
+            return apply_dali
+        base = augment.make_transform(kind, self.cfg.augment, mean, std)
 
         def apply(batch_uint8: torch.Tensor) -> torch.Tensor:
             return base(batch_uint8.to(self.device, non_blocking=True)).contiguous(memory_format=memory_format)

@@ -236,7 +236,7 @@ def autocontrast(x: Tensor) -> Tensor:
 def equalize(x: Tensor) -> Tensor:
     """Histogram-equalise each sample's channel with PIL's integer algorithm."""
     n, c, h, w = x.shape
-    levels = (x * 255).round_().clamp_(0, 255).long().view(n * c, h * w)
+    levels = (x * 255).round_().clamp_(0, 255).long().reshape(n * c, h * w)
     # One bincount over disjoint 256-bin ranges = a batched histogram.
     offsets = torch.arange(n * c, device=x.device).mul_(256).unsqueeze(1)
     hist = torch.bincount((levels + offsets).view(-1), minlength=n * c * 256).view(n * c, 256)
