@@ -35,6 +35,7 @@ START_TIMEOUT_S="${SCAN_DIST_SLURM_TIMEOUT:-60}"
 DAEMONS=(munged slurmctld slurmd)   # start order; stop goes the other way
 
 export SLURM_CONF="$CONF"
+export PATH="$PATH:/usr/sbin:/sbin:/usr/bin:/bin"   # the daemons and mungekey live in /usr/sbin
 
 say() { printf '[local-cluster] %s\n' "$*" >&2; }
 die() { local code="$1"; shift; say "ERROR: $*"; exit "$code"; }
@@ -62,7 +63,7 @@ ensure_root() {  # start/stop need root: re-run under passwordless sudo, keeping
 have_packages() {
     local cmd
     for cmd in munged mungekey slurmctld slurmd sinfo scontrol sbatch srun squeue scancel; do
-        command -v "$cmd" >/dev/null 2>&1 || [ -x "/usr/sbin/$cmd" ] || return 1
+        command -v "$cmd" >/dev/null 2>&1 || return 1
     done
 }
 
@@ -85,14 +86,22 @@ install_packages() {
 }
 
 # ---- pids ----------------------------------------------------------------------------------------------------------
-# A recorded pid counts only while /proc/PID/comm is still that daemon (pids are recycled).
+# A recorded pid counts only while /proc/PID/comm is still that daemon (pids are recycled) and it is no zombie (where
+# the reaper of orphans, e.g. a container's PID 1, is slow to reap).
+running() {  # running PID: alive and not a zombie
+    local stat
+    stat="$(cat "/proc/$1/stat" 2>/dev/null)" || return 1
+    stat="${stat##*) }"
+    [ "${stat%% *}" != Z ]
+}
+
 pid_of() {  # prints the recorded pid of $1 if that process is alive and is $1
     local f="$PID_DIR/$1.pid" pid comm
     [ -s "$f" ] || return 1
     pid="$(tr -dc '0-9' <"$f")"
     [ -n "$pid" ] || return 1
     comm="$(cat "/proc/$pid/comm" 2>/dev/null)" || return 1
-    [ "$comm" = "$1" ] || return 1
+    [ "$comm" = "$1" ] && running "$pid" || return 1
     printf '%s\n' "$pid"
 }
 
@@ -125,7 +134,7 @@ kill_recorded() {  # TERM the recorded daemons (slurmd, slurmctld, munged), KILL
     done
     for i in $(seq 1 100); do
         local left=()
-        for pid in ${pids[@]+"${pids[@]}"}; do [ -d "/proc/$pid" ] && left+=("$pid"); done
+        for pid in ${pids[@]+"${pids[@]}"}; do running "$pid" && left+=("$pid"); done
         [ ${#left[@]} -eq 0 ] && break
         [ "$i" -eq 100 ] && { say "killing ${left[*]} (still alive after 10 s)"; kill -KILL "${left[@]}" 2>/dev/null || true; }
         sleep 0.1
@@ -228,6 +237,8 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/filetxt
 JobCompLoc=${STATE_DIR}/jobcomp.txt
 MinJobAge=30
+# SIGTERM to SIGKILL on requeue/cancel: 5 s (default 30) so a requeued test job stops promptly (submitit ignores SIGTERM)
+KillWait=5
 ReturnToService=2
 # the node's real hardware may report less memory/CPUs than below: do not drain it for that
 SlurmdParameters=config_overrides

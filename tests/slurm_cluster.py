@@ -12,8 +12,8 @@ The fixture runs `slurm/local-cluster.sh start` once per session (installs slurm
 first time on a machine, ~10-15 s; the daemons are idle within a second), then puts SLURM_CONF and PATH — with
 the cluster's `sacct` stand-in first, so submitit can read job states without an accounting database — into
 os.environ for the rest of the session; job subprocesses and submitit inherit them.  At the end of the session it
-stops the cluster only if it started it (a cluster already running, e.g. started by hand, is left running) and
-restores both variables.
+stops the cluster only if a fixture started it and no other pytest session on the machine still uses it (a
+cluster started by hand is left running), and restores both variables.
 
 When the cluster cannot start (not root and no passwordless sudo, no apt-get, daemons not coming up) the tests that
 use the fixture are skipped with the script's error tail — unless SCAN_DIST_REQUIRE_SLURM=1, which makes that a
@@ -25,6 +25,8 @@ behind it, so tests should cancel what they submit (see `SlurmCluster.cancel`).
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import shutil
 import subprocess
@@ -87,8 +89,72 @@ def _unavailable(reason: str) -> None:
 
 
 # The module is imported once per session, so several test modules importing the fixture share one start; the
-# last teardown stops the cluster (if this session started it) and restores the environment.
-_session: dict = {"cluster": None, "users": 0, "started": False, "saved_env": None}
+# last teardown releases the cluster and restores the environment.
+#
+# Several pytest sessions on one machine (developers, a CI job beside a local run) share the cluster of one state
+# dir.  Each session holds a lease (sessions/<pid>) while it uses it; a session that starts the cluster writes
+# sessions/started-by-fixture (the slurmctld pid it started), and the cluster is stopped when the last lease goes
+# and that slurmctld is still the one running — never a cluster someone started by hand.  A file lock makes a start
+# and a stop of different sessions take turns.
+_session: dict = {"cluster": None, "users": 0, "started": False, "saved_env": None, "leases": None}
+
+
+def _proc_start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+@contextlib.contextmanager
+def _sessions_lock(state_dir: Path):
+    """Yields the sessions dir under an exclusive lock, or None where it cannot be set up (then no leases)."""
+    sessions = state_dir / "sessions"
+    lock_path = sessions / ".lock"
+    try:
+        sessions.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(PermissionError):
+            sessions.chmod(0o1777)  # other users' sessions may take leases too
+        if not lock_path.exists():
+            lock_path.touch()
+        handle = os.open(lock_path, os.O_RDONLY)  # flock works on a read-only descriptor
+    except OSError:
+        handle = None
+    if handle is None:
+        yield None
+        return
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield sessions
+    finally:
+        os.close(handle)
+
+
+def _live_leases(sessions: Path) -> list:
+    live = []
+    for lease in sessions.glob("[0-9]*"):
+        try:
+            recorded = lease.read_text().strip()
+        except OSError:
+            continue
+        if _proc_start_time(int(lease.name)) == recorded and recorded:
+            live.append(lease)
+        else:
+            lease.unlink(missing_ok=True)  # a session that died without its teardown
+    return live
+
+
+def _ctld_pid(state_dir: Path) -> str:
+    try:
+        return (state_dir / "pids" / "slurmctld.pid").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _script(command: str, state_dir: Path, timeout: float) -> subprocess.CompletedProcess:
+    env = dict(os.environ, SCAN_DIST_SLURM_DIR=str(state_dir))
+    return subprocess.run(["bash", str(SCRIPT), command], env=env, capture_output=True, text=True, timeout=timeout,
+                          check=False)
 
 
 def _start() -> SlurmCluster:
@@ -97,19 +163,25 @@ def _start() -> SlurmCluster:
     if shutil.which("bash") is None:
         _unavailable("the local SLURM cluster needs bash")
     state_dir = Path(os.environ.get("SCAN_DIST_SLURM_DIR", DEFAULT_STATE_DIR))
-    env = dict(os.environ, SCAN_DIST_SLURM_DIR=str(state_dir))
-    was_running = subprocess.run(["bash", str(SCRIPT), "status"], env=env, capture_output=True,
-                                 timeout=60).returncode == 0
-    try:
-        proc = subprocess.run(["bash", str(SCRIPT), "start"], env=env, capture_output=True, text=True,
-                              timeout=START_TIMEOUT_S)
-    except subprocess.TimeoutExpired as exc:
-        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
-        _unavailable(f"slurm/local-cluster.sh start did not finish in {START_TIMEOUT_S} s:\n{_tail(err)}")
-    if proc.returncode != 0:
-        why = {3: "this machine cannot run it (root/sudo, apt-get)"}.get(proc.returncode, "the daemons did not come up")
-        _unavailable(f"local SLURM cluster not started — {why} (slurm/local-cluster.sh start exited "
-                     f"{proc.returncode}):\n{_tail(proc.stderr)}")
+    with _sessions_lock(state_dir) as sessions:
+        was_running = _script("status", state_dir, 60).returncode == 0
+        try:
+            proc = _script("start", state_dir, START_TIMEOUT_S)
+        except subprocess.TimeoutExpired as exc:
+            err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+            _unavailable(f"slurm/local-cluster.sh start did not finish in {START_TIMEOUT_S} s:\n{_tail(err)}")
+        if proc.returncode != 0:
+            why = {3: "this machine cannot run it (root/sudo, apt-get)"}.get(proc.returncode,
+                                                                             "the daemons did not come up")
+            _unavailable(f"local SLURM cluster not started — {why} (slurm/local-cluster.sh start exited "
+                         f"{proc.returncode}):\n{_tail(proc.stderr)}")
+        _session["started"] = not was_running
+        if sessions is not None:
+            if not was_running:
+                (sessions / "started-by-fixture").write_text(_ctld_pid(state_dir))
+            lease = sessions / str(os.getpid())
+            lease.write_text(_proc_start_time(os.getpid()) or "")
+            _session["leases"] = sessions
     exports = dict(line[len("export "):].split("=", 1) for line in proc.stdout.splitlines()
                    if line.startswith("export "))
     conf = Path(exports.get("SLURM_CONF", state_dir / "slurm.conf"))
@@ -117,7 +189,6 @@ def _start() -> SlurmCluster:
     _session["saved_env"] = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
     os.environ["SLURM_CONF"] = str(cluster.conf)
     os.environ["PATH"] = f"{cluster.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"
-    _session["started"] = not was_running
     return cluster
 
 
@@ -127,10 +198,20 @@ def _stop() -> None:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-    if _session["started"]:
-        env = dict(os.environ, SCAN_DIST_SLURM_DIR=str(_session["cluster"].state_dir))
-        subprocess.run(["bash", str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120, check=False)
-    _session.update(cluster=None, started=False, saved_env=None)
+    state_dir = _session["cluster"].state_dir
+    if _session["leases"] is None:  # no lease bookkeeping: stop what this session started
+        if _session["started"]:
+            _script("stop", state_dir, 120)
+    else:
+        with _sessions_lock(state_dir) as sessions:
+            if sessions is not None:
+                (sessions / str(os.getpid())).unlink(missing_ok=True)
+                marker = sessions / "started-by-fixture"
+                if not _live_leases(sessions) and marker.is_file():
+                    if marker.read_text().strip() == _ctld_pid(state_dir):
+                        _script("stop", state_dir, 120)
+                    marker.unlink(missing_ok=True)
+    _session.update(cluster=None, started=False, saved_env=None, leases=None)
 
 
 @pytest.fixture(scope="session")

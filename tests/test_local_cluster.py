@@ -1,5 +1,6 @@
 """The local one-node SLURM cluster (slurm/local-cluster.sh) runs batch jobs, multi-task steps and submitit jobs,
-and its sacct stand-in gives submitit real job states.  ~20 s on the 2-core CI machine once the packages are in."""
+and its sacct stand-in gives submitit real job states.  ~5 s on the 2-core CI machine, plus ~7 s for apt-get the
+first time on a machine; longer only while another session's jobs hold the node."""
 import os
 import re
 import subprocess
@@ -7,17 +8,15 @@ import time
 from pathlib import Path
 
 import pytest
-
-from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 
 pytestmark = pytest.mark.slurm
 
-JOB_TIMEOUT_S = 60
-LIVE = {"PENDING", "CONFIGURING", "RUNNING"}
+JOB_TIMEOUT_S = 180  # generous: jobs of another session on the same cluster may hold the node
 
 
 def run(*cmd: str, timeout: float = 60) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
     assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -27,7 +26,8 @@ def sbatch(cluster, *args: str) -> str:
 
 
 def job_state(job_id: str) -> str:
-    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
     m = re.search(r"(?:^|\s)JobState=(\S+)", out)
     return m.group(1) if m else "UNKNOWN"
 
@@ -48,14 +48,14 @@ def sacct(*job_ids: str, path=None) -> dict:
     for job_id in job_ids:
         cmd += ["-j", job_id]
     env = None if path is None else dict(os.environ, PATH=path)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=env, check=False)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines and lines[0] == "JobID|State|NodeList", proc.stdout
     return {job: (state, nodes) for job, state, nodes in (line.split("|") for line in lines[1:])}
 
 
-def test_sbatch_wrap_runs_to_completion(slurm_cluster, tmp_path):
+def test_sbatch_wrap_runs_to_completion(slurm_cluster, tmp_path):  # noqa: F811
     out = tmp_path / "job.out"
     job_id = sbatch(slurm_cluster, f"--output={out}", "--wrap", "echo hello from $SLURM_JOB_ID")
     try:
@@ -65,14 +65,14 @@ def test_sbatch_wrap_runs_to_completion(slurm_cluster, tmp_path):
     assert out.read_text().strip() == f"hello from {job_id}"
 
 
-def test_srun_two_tasks(slurm_cluster):
+def test_srun_two_tasks(slurm_cluster):  # noqa: F811
     out = run("srun", "-p", slurm_cluster.partition, "--time=2", "-N1", "-n2", "-c1",
               "bash", "-c", 'echo "$SLURM_PROCID $SLURM_NTASKS"', timeout=JOB_TIMEOUT_S)
     assert sorted(out.split("\n")[:-1]) == ["0 2", "1 2"], out
 
 
-def test_sacct_stand_in(slurm_cluster, tmp_path):
-    from submitit.slurm.slurm import SlurmInfoWatcher
+def test_sacct_stand_in(slurm_cluster, tmp_path):  # noqa: F811
+    SlurmInfoWatcher = pytest.importorskip("submitit.slurm.slurm").SlurmInfoWatcher
 
     assert Path(run("bash", "-c", "command -v sacct").strip()) == slurm_cluster.bin_dir / "sacct"
     done = sbatch(slurm_cluster, f"--output={tmp_path / 'done.out'}", "--wrap", "true")
@@ -104,7 +104,7 @@ def test_sacct_stand_in(slurm_cluster, tmp_path):
     assert sacct("999999999") == {}  # unknown id: header only, like sacct
 
 
-def test_submitit_two_tasks(slurm_cluster, tmp_path):
+def test_submitit_two_tasks(slurm_cluster, tmp_path):  # noqa: F811
     submitit = pytest.importorskip("submitit")
 
     # A local function: cloudpickle sends it by value (this test module is not importable inside the job).

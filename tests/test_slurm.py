@@ -14,9 +14,10 @@ from slurm_cluster import slurm_cluster  # noqa: F401  (the session fixture)
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 # Short stages; contiguous tensors (see test_dist_pipeline.py); checkpoints every 2 steps.
+# Pretext (12 steps, ~20 s on the 2 tasks) outlasts a requeue's SIGTERM-to-SIGKILL (KillWait=5 s locally).
 SMALL = ("run.progress=false", "slurm.profile=local", "data.max_images=1024", "data.max_eval_images=512",
-         "pretext.batch_size=256", "scan.mode=full", "scan.features=backbone", "scan.batch_size=128",
-         "selflabel.batch_size=256", "selflabel.threshold=0.2", "model.channels_last=false",
+         "pretext.batch_size=256", "pretext.epochs=3", "scan.mode=full", "scan.features=backbone",
+         "scan.batch_size=128", "selflabel.batch_size=256", "selflabel.threshold=0.2", "model.channels_last=false",
          "run.checkpoint_every_steps=2", "dist.timeout_s=60")
 
 
