@@ -286,3 +286,22 @@ def test_smoke_preset_end_to_end_with_dali(tmp_path, fashion_mnist):
     assert "augmentations: NVIDIA DALI" in (run_dir / "log.txt").read_text()
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["acc"] > 0.2  # 10 balanced classes: chance is 0.1 (measured: 0.43 on 2 cores)
+
+
+@needs_dali
+def test_scan_neighbour_view_is_the_mined_neighbour():
+    """The SCAN step's second half of the batch is the DALI view of each anchor's sampled mined neighbour (or itself)."""
+    from scan_dist.stages.scan import sample_neighbors
+
+    images = smooth_images(40, 1, 32, seed=4)
+    neighbors = torch.stack([(torch.arange(40) + s) % 40 for s in (1, 2, 3)], dim=1)  # each image's 3 "mined" NNs
+    mean, std = stats(1)
+    view = D.make_dali_transform("eval", AugmentConfig(), mean, std)
+    anchors = torch.arange(0, 40, 3)
+    torch.manual_seed(0)
+    partners = sample_neighbors(anchors, neighbors)
+    assert all(int(p) in {int(a)} | set(neighbors[a].tolist()) for a, p in zip(anchors, partners))
+    batch = torch.cat([view(images[anchors]), view(images[partners])])
+    reference = make_transform("eval", AugmentConfig(), mean, std)(images)
+    torch.testing.assert_close(batch[len(anchors):], reference[partners], atol=1e-5, rtol=0)
+    torch.testing.assert_close(batch[:len(anchors)], reference[anchors], atol=1e-5, rtol=0)
