@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.dist]
 # Few steps per stage (pretext 4, scan 8, selflabel 4) with every training path active.
 SMALL = ("run.progress=false", "run.threads=1", "data.max_images=1024", "data.max_eval_images=512",
          "pretext.batch_size=256", "scan.mode=full", "scan.features=backbone", "scan.batch_size=128",
-         "selflabel.batch_size=256", "selflabel.threshold=0.2", "model.channels_last=false",
+         "selflabel.batch_size=256", "selflabel.threshold=0.15", "model.channels_last=false",
          "run.checkpoint_every_steps=2", "dist.timeout_s=60")
 
 
@@ -71,7 +71,7 @@ def test_two_ddp_processes_equal_one(one_process, two_ddp):
     two = metrics(two_ddp)
     assert one_process["stages"]["selflabel"]["final_confident"] > 0, "self-labelling never stepped"
     assert two["world_size"] == 2 and one_process["world_size"] == 1
-    # Measured: pretext 6.1119 vs 6.1137, scan -9.2211 vs -9.2213 (float reduction order, then Adam).
+    # Measured (one run): pretext 5.85936 vs 5.85936, SCAN -9.21845 vs -9.21835, self-label 1.9434 vs 1.9460.
     for key, value in stage_losses(one_process).items():
         assert stage_losses(two)[key] == pytest.approx(value, rel=2e-3), key
     for a, b in zip(one_process["stages"]["scan"]["selection_losses"], two["stages"]["scan"]["selection_losses"]):

@@ -374,6 +374,12 @@ class Engine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
 
+    def autocast(self):
+        """The precision context of dist.precision, for forwards outside the engine (e.g. an EMA teacher)."""
+        if self._amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
+
     def forward(self, *args, **kwargs):
         with self._no_sync(), self._autocast():
             return self.model(*args, **kwargs)

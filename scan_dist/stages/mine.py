@@ -58,24 +58,22 @@ def drop_self(index: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def find_neighbors(vectors: torch.Tensor, k: int, backend: str, device, precision: str = "fp32") -> torch.Tensor:
-    """k neighbours of every row among the others. With N processes the bank is sharded: each rank searches its
-    contiguous slice of the keys and the candidates are merged (kernels.knn_sharded); all ranks get the result."""
+    """k neighbours of every row among the others.
+
+    With N processes the *queries* are sharded: every rank holds the whole bank (the embed stage gathered it) and
+    searches its contiguous slice of the rows against all of it; the slices are gathered. Work and traffic per rank
+    then fall as 1/N. (Sharding the keys instead, kernels.knn_sharded, gives every rank all queries and gathers
+    N candidate lists per query: right only for a bank too large for one device.)
+    """
     k = min(k, len(vectors) - 1)
     chosen = kernels.select_backend(backend, device)
+    start, stop = comm.shard_range(len(vectors))
     if chosen == "faiss":
-        _, index = kernels.knn_faiss(vectors, vectors, k + 1, metric="ip")
-        return drop_self(index.cpu(), k)
-    queries = vectors.to(device)
-    if comm.world_size() > 1:
-        start, stop = comm.shard_range(len(vectors))
-        # gloo moves CPU tensors only: the merge then runs on the CPU
-        merge_device = device if torch.device(device).type == "cuda" else "cpu"
-        _, index = kernels.knn_sharded(queries.to(merge_device), vectors[start:stop].to(merge_device), k + 1,
-                                       comm.group(), key_offset=start, metric="ip", backend=chosen,
-                                       precision=precision)
+        _, index = kernels.knn_faiss(vectors[start:stop], vectors, k + 1, metric="ip")
     else:
-        _, index = kernels.knn(queries, queries, k + 1, metric="ip", backend=chosen, precision=precision)
-    return drop_self(index.cpu(), k)
+        bank = vectors.to(device)
+        _, index = kernels.knn(bank[start:stop], bank, k + 1, metric="ip", backend=chosen, precision=precision)
+    return drop_self(comm.gather_rows(index.cpu()), k)
 
 
 def run(cfg, ctx, config_hash: str) -> dict:

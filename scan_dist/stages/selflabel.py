@@ -49,8 +49,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
     def step(indices):
         batch = images[indices]
         if teacher is not None:
-            with torch.no_grad():
-                weak_logits = teacher(weak(batch))[0]
+            with torch.no_grad(), engine.autocast():  # the teacher runs at the student's precision
+                weak_logits = teacher(weak(batch))[0].float()
             strong_logits = engine(strong(batch))[0]
         else:
             # One forward for both views so BatchNorm sees them together (as the paper, in train mode).
