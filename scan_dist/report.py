@@ -5,12 +5,17 @@ Every writer goes through a temporary file in the target folder followed by
 half-written artifact where a reader (or a resumed run) would pick it up.
 Plots use ``matplotlib.figure.Figure`` directly rather than pyplot, so importing
 or calling this module never changes the process-wide matplotlib backend.
+
+Run as ``python -m scan_dist.report RUN_DIR [RUN_DIR ...] [--out FILE.md] [--plots DIR]`` it compares finished
+runs: final ACC/NMI/ARI per (preset, K) as mean ± std over seeds next to the SCAN paper's numbers, accuracy and
+time per stage, an over-clustering table when one preset was run with several K, and bar / line plots.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -20,9 +25,16 @@ from .io_utils import write_text as atomic_write_text
 from .metrics import to_numpy
 
 __all__ = [
+    "PAPER_RESULTS",
+    "ReportError",
     "atomic_write_text",
+    "format_comparison_md",
     "format_metrics_table",
     "format_time_table",
+    "load_run",
+    "main",
+    "mean_std",
+    "write_comparison_plots",
     "write_confusion_png",
     "write_prototypes_png",
     "write_report_md",
@@ -335,3 +347,372 @@ def write_report_md(path: str | os.PathLike, metrics: Mapping[str, Any], stage_s
         lines += _md_table(["Key", "Value"], [[k, v] for k, v in config_items], "ll")
 
     atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- comparison across runs
+#
+# ``python -m scan_dist.report RUN_DIR [RUN_DIR ...] [--out FILE.md] [--plots DIR]`` reads finished run folders
+# (``metrics.json`` written by ``pipeline.summarize`` and the resolved ``config.yaml``) and compares them with each
+# other and with the paper. Nothing below runs on import.
+
+# The SCAN authors' README (github.com/wvangansbeke/Unsupervised-Classification, "Model Zoo" tables; copied in
+# ../shared/RECIPES.md section 8), in percent. "selflabel" is SCAN + self-labelling (the final model), "scan" the
+# SCAN-loss step before self-labelling. These are the authors' best runs, not the paper's mean over 10 runs.
+# ImageNet-1k has no self-labelling entry there: its "selflabel" row repeats the SCAN-only result (ResNet-50,
+# 10 heads, lowest-loss head), which is what the README reports as final.
+PAPER_RESULTS: dict[str, dict[str, Any]] = {
+    "cifar10": {"k": 10, "selflabel": (88.3, 79.7, 77.2), "scan": (81.6, 71.5, 66.5)},
+    "cifar20": {"k": 20, "selflabel": (50.7, 48.6, 33.3), "scan": (44.0, 44.9, 28.3)},
+    "stl10": {"k": 10, "selflabel": (80.9, 69.8, 64.6), "scan": (79.2, 67.3, 61.8)},
+    "imagenet50": {"k": 50, "selflabel": (76.8, 82.2, 66.1), "scan": (75.1, 80.5, 63.5)},
+    "imagenet100": {"k": 100, "selflabel": (68.9, 80.8, 57.6), "scan": (66.2, 78.7, 54.4)},
+    "imagenet200": {"k": 200, "selflabel": (58.1, 77.2, 47.0), "scan": (56.3, 75.7, 44.1)},
+    "imagenet1k": {"k": 1000, "selflabel": (39.9, 72.0, 27.5), "scan": (39.9, 72.0, 27.5)},
+}
+_DASH = "—"
+_COMPARE_KEYS = ("acc", "nmi", "ari")
+
+
+class ReportError(Exception):
+    """A problem with the command-line input (missing folder, missing or broken metrics.json): one line, exit 2."""
+
+
+def _fraction(value: Any) -> float | None:
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(value) else value
+
+
+def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """The facts of one finished run that the comparison needs, as a flat dict (fractions, not percent).
+
+    Keys: ``path``, ``label`` (folder name), ``preset``, ``num_clusters`` (K asked for, from config.yaml),
+    ``seed``, ``acc``/``nmi``/``ari`` (final model), ``acc_many_to_one``, ``clusters_used`` (distinct predicted
+    clusters), ``num_classes``, ``scan_acc`` (the SCAN head selected by lowest loss, before self-labelling),
+    ``selflabel`` (whether that stage ran), ``kmeans_acc`` (the k-means-on-pixels baseline) and ``seconds``
+    (stage -> seconds, with ``total``). Raises :class:`ReportError` for a folder that is not a finished run.
+    """
+    import json
+
+    import yaml
+
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise ReportError(f"run folder not found: {path}")
+    metrics_path = path / "metrics.json"
+    if not metrics_path.is_file():
+        raise ReportError(f"no metrics.json in {path} (not a run folder, or the run has not finished)")
+    try:
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ReportError(f"cannot read {metrics_path}: {exc}") from None
+    if not isinstance(metrics, Mapping):
+        raise ReportError(f"{metrics_path} does not hold a JSON object")
+
+    config: Mapping[str, Any] = {}
+    config_path = path / "config.yaml"
+    if config_path.is_file():
+        try:
+            config = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+            raise ReportError(f"cannot read {config_path}: {' '.join(str(exc).split())}") from None
+        if not isinstance(config, Mapping):
+            raise ReportError(f"{config_path} does not hold a mapping")
+
+    final = metrics.get("final") if isinstance(metrics.get("final"), Mapping) else {}
+    stages = metrics.get("stages") if isinstance(metrics.get("stages"), Mapping) else {}
+    evaluation = stages.get("evaluate") if isinstance(stages.get("evaluate"), Mapping) else {}
+    heads = evaluation.get("scan_heads") if isinstance(evaluation.get("scan_heads"), Mapping) else {}
+    selected = heads.get("selected") if isinstance(heads.get("selected"), Mapping) else {}
+    baseline = metrics.get("baseline_kmeans_pixels") or evaluation.get("kmeans_pixels") or {}
+    run_cfg = config.get("run") if isinstance(config.get("run"), Mapping) else {}
+
+    # K is the number of clusters asked for; final["num_clusters"] only counts the clusters that got samples.
+    k = config.get("num_clusters", final.get("num_clusters"))
+    seconds = metrics.get("seconds") if isinstance(metrics.get("seconds"), Mapping) else {}
+    return {
+        "path": path,
+        "label": path.resolve().name or str(path),
+        "preset": str(metrics.get("preset") or config.get("name") or path.resolve().name),
+        "num_clusters": int(k) if k is not None else None,
+        "seed": run_cfg.get("seed"),
+        "acc": _fraction(metrics.get("acc", final.get("acc"))),
+        "nmi": _fraction(metrics.get("nmi", final.get("nmi"))),
+        "ari": _fraction(metrics.get("ari", final.get("ari"))),
+        "acc_many_to_one": _fraction(final.get("acc_many_to_one")),
+        "clusters_used": final.get("num_clusters"),
+        "num_classes": final.get("num_classes"),
+        "scan_acc": _fraction(selected.get("acc")),
+        "selflabel": "selflabel" in stages,
+        "kmeans_acc": _fraction(baseline.get("acc")) if isinstance(baseline, Mapping) else None,
+        "seconds": {str(name): float(sec) for name, sec in seconds.items() if _fraction(sec) is not None},
+    }
+
+
+def mean_std(values: Sequence[Any]) -> tuple[float | None, float | None, int]:
+    """Mean, sample standard deviation (ddof=1; None for a single value) and count of the non-missing values."""
+    present = [v for v in (_fraction(x) for x in values) if v is not None]
+    n = len(present)
+    if n == 0:
+        return None, None, 0
+    mean = sum(present) / n
+    if n == 1:
+        return mean, None, 1
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in present) / (n - 1)), n
+
+
+def group_runs(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, Any], list[Mapping[str, Any]]]:
+    """Runs keyed by (preset, num_clusters), in first-seen order; each group's runs are the seeds of one setup."""
+    groups: dict[tuple[str, Any], list[Mapping[str, Any]]] = {}
+    for run in runs:
+        groups.setdefault((run["preset"], run["num_clusters"]), []).append(run)
+    return groups
+
+
+def _pm(values: Sequence[Any]) -> str:
+    """'81.2 ± 0.4' in percent over the values, or just '81.2' for one value, or '—' for none."""
+    mean, std, _ = mean_std(values)
+    if mean is None:
+        return _DASH
+    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def _signed(value: float | None) -> str:
+    return _DASH if value is None else f"{value:+.1f}"
+
+
+def _paper_row(preset: str, k: Any, step: str = "selflabel") -> tuple[float, float, float] | None:
+    """The paper's (ACC, NMI, ARI) in percent for this preset, only when K is the paper's K (= classes)."""
+    entry = PAPER_RESULTS.get(preset)
+    if entry is None or k != entry["k"]:
+        return None
+    return entry[step]
+
+
+def _seeds(runs: Sequence[Mapping[str, Any]]) -> str:
+    return ", ".join("?" if r["seed"] is None else str(r["seed"]) for r in runs)
+
+
+def _stage_order(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    order: list[str] = []
+    for run in runs:
+        order += [s for s in run["seconds"] if s != "total" and s not in order]
+    return order
+
+
+def overclustering_datasets(runs: Sequence[Mapping[str, Any]]) -> dict[str, list[Any]]:
+    """Preset -> sorted distinct K, for presets whose runs use more than one K.
+
+    A preset stands for a dataset and evaluation split: ``launch cifar10 num_clusters=20`` keeps the name
+    ``cifar10``, while two presets on the same files (``smoke`` and ``demo``) score different subsets.
+    """
+    ks: dict[str, set] = {}
+    for run in runs:
+        if run["num_clusters"] is not None:
+            ks.setdefault(run["preset"], set()).add(run["num_clusters"])
+    return {preset: sorted(values) for preset, values in ks.items() if len(values) > 1}
+
+
+def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str | os.PathLike] = (),
+                         relative_to: str | os.PathLike | None = None) -> str:
+    """The Markdown comparison: results vs the paper, per-stage accuracy and time, and the unknown-K table.
+
+    Over-clustering (K > classes): ``acc`` is ``metrics.cluster_metrics``'s Hungarian accuracy, computed with
+    scipy's ``linear_sum_assignment`` on the rectangular [K, classes] contingency matrix (the same matching as
+    ``metrics.hungarian_match``). A rectangular assignment pairs only min(K, classes) rows and columns, so with
+    K > classes just the ``classes`` best-matching clusters get a class and every sample of the other K - classes
+    clusters counts as wrong: this accuracy is bounded by the share of samples in the best one-to-one subset and
+    usually falls as K grows. With K < classes every cluster is matched and K - classes classes are never
+    predicted. ``acc_many_to_one`` maps each cluster to its majority class (the SCAN authors' protocol for
+    over-clustering); it can only rise with K. Both come from ``metrics.json`` and are not recomputed here.
+    """
+    lines = ["# SCAN runs compared", ""]
+    groups = group_runs(runs)
+
+    lines += ["## Final results vs the paper", ""]
+    rows = []
+    for (preset, k), members in groups.items():
+        ours = {key: mean_std([r[key] for r in members]) for key in _COMPARE_KEYS}
+        paper = _paper_row(preset, k)
+        diffs = [_signed(100 * ours[key][0] - paper[i] if paper and ours[key][0] is not None else None)
+                 for i, key in enumerate(_COMPARE_KEYS)]
+        rows.append([preset, _DASH if k is None else k, len(members), _seeds(members),
+                     *(_pm([r[key] for r in members]) for key in _COMPARE_KEYS),
+                     *((f"{v:.1f}" for v in paper) if paper else [_DASH] * 3), *diffs])
+    lines += _md_table(["Preset", "K", "n", "Seeds", "ACC", "NMI", "ARI", "Paper ACC", "Paper NMI", "Paper ARI",
+                        "Δ ACC", "Δ NMI", "Δ ARI"], rows, "lrrlrrrrrrrrr")
+    lines += ["", "Percent; mean ± sample std (ddof = 1) over the n runs of a (preset, K) group. Paper: SCAN + "
+              "self-labelling, the best runs in the authors' README model zoo, shown only where K equals the "
+              "paper's K; Δ = ours − paper in points."]
+
+    lines += ["", "## Per stage", ""]
+    stage_names = _stage_order(runs)
+    rows = []
+    for run in runs:
+        gain = (100 * (run["acc"] - run["scan_acc"]) if run["selflabel"] and run["acc"] is not None
+                and run["scan_acc"] is not None else None)
+        paper_scan = _paper_row(run["preset"], run["num_clusters"], "scan")
+        secs = run["seconds"]
+        total = secs.get("total", sum(v for s, v in secs.items() if s != "total"))
+        rows.append([run["label"], run["preset"], _DASH if run["num_clusters"] is None else run["num_clusters"],
+                     "?" if run["seed"] is None else run["seed"], _pct_or_dash(run["kmeans_acc"]),
+                     _pct_or_dash(run["scan_acc"]), _pct_or_dash(run["acc"]), _signed(gain),
+                     f"{paper_scan[0]:.1f}" if paper_scan else _DASH,
+                     *(f"{secs[s]:.1f}" if s in secs else _DASH for s in stage_names), f"{total:.1f}"])
+    lines += _md_table(["Run", "Preset", "K", "Seed", "k-means ACC", "SCAN head ACC", "Final ACC", "Self-label Δ",
+                        "Paper SCAN ACC", *(f"{s} (s)" for s in stage_names), "Total (s)"],
+                       rows, "llrrrrrrr" + "r" * (len(stage_names) + 1))
+    lines += ["", "ACC in percent. SCAN head: the head picked by lowest SCAN loss, before self-labelling; Final: the "
+              "model the run ends with (after self-labelling when that stage ran; Self-label Δ = Final − SCAN head). "
+              "k-means: k-means on PCA-reduced pixels. Stage times in seconds."]
+
+    multi_k = overclustering_datasets(runs)
+    if multi_k:
+        lines += ["", "## Overclustering / unknown K", ""]
+        rows = []
+        for preset, ks in multi_k.items():
+            for k in ks:
+                members = groups[(preset, k)]
+                classes = sorted({r["num_classes"] for r in members if r["num_classes"] is not None})
+                used = mean_std([r["clusters_used"] for r in members])[0]
+                rows.append([preset, k, len(members), ", ".join(map(str, classes)) or _DASH,
+                             _DASH if used is None else f"{used:.1f}".rstrip("0").rstrip("."),
+                             _pm([r["acc"] for r in members]), _pm([r["acc_many_to_one"] for r in members]),
+                             _pm([r["nmi"] for r in members])])
+        lines += _md_table(["Preset", "K", "n", "Classes", "Clusters used", "Hungarian ACC", "Many-to-one ACC",
+                            "NMI"], rows, "lrrrrrrr")
+        lines += ["", "Hungarian ACC: one-to-one matching of the rectangular [K, classes] contingency matrix, so for "
+                  "K > classes only the best-matching `classes` clusters count and samples in the others are "
+                  "errors. Many-to-one ACC: every cluster takes its majority class (the SCAN authors' protocol "
+                  "for over-clustering). Clusters used: clusters that received at least one sample (mean)."]
+
+    if plots:
+        base = Path(relative_to) if relative_to is not None else None
+        lines += ["", "## Plots", ""]
+        for plot in plots:
+            shown = os.path.relpath(plot, base) if base is not None else str(plot)
+            lines += [f"![{Path(plot).stem}]({Path(shown).as_posix()})", ""]
+        lines.pop()
+    return "\n".join(lines) + "\n"
+
+
+def _pct_or_dash(value: Any) -> str:
+    value = _fraction(value)
+    return _DASH if value is None else f"{100 * value:.1f}"
+
+
+def write_stage_accuracy_png(path: str | os.PathLike, runs: Sequence[Mapping[str, Any]]) -> None:
+    """Grouped bars per run: k-means on pixels, SCAN head (before self-labelling) and final ACC, in percent."""
+    from matplotlib.figure import Figure
+
+    series = [("k-means (pixels)", "kmeans_acc", "#bbbbbb"), ("SCAN head", "scan_acc", "#4c72b0"),
+              ("final", "acc", "#dd8452")]
+    series = [s for s in series if any(_fraction(r[s[1]]) is not None for r in runs)]
+    n = len(runs)
+    fig = Figure(figsize=(min(3.0 + 1.1 * n, 40.0), 4.5), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(n)
+    for i, (label, key, colour) in enumerate(series):
+        values = [_fraction(r[key]) for r in runs]
+        heights = [100 * v if v is not None else 0.0 for v in values]
+        bars = ax.bar(x + (i - (len(series) - 1) / 2) * width, heights, width, label=label, color=colour)
+        if n <= 12:
+            for bar, v in zip(bars, values):
+                if v is not None:
+                    ax.annotate(f"{100 * v:.1f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                                ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{r['label']}\n{r['preset']} K={r['num_clusters']}" for r in runs],
+                       rotation=30 if n > 4 else 0, ha="right" if n > 4 else "center", fontsize=8)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Accuracy per stage")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def write_acc_vs_k_png(path: str | os.PathLike, preset: str, runs: Sequence[Mapping[str, Any]]) -> None:
+    """Hungarian ACC, many-to-one ACC and NMI (mean ± std over seeds) against K for one preset's runs."""
+    from matplotlib.figure import Figure
+
+    groups = group_runs([r for r in runs if r["preset"] == preset and r["num_clusters"] is not None])
+    ks = sorted(k for _, k in groups)
+    fig = Figure(figsize=(6.0, 4.2), dpi=100)
+    ax = fig.add_subplot(1, 1, 1)
+    for label, key, marker in (("Hungarian ACC", "acc", "o"), ("many-to-one ACC", "acc_many_to_one", "s"),
+                               ("NMI", "nmi", "^")):
+        stats = [mean_std([r[key] for r in groups[(preset, k)]]) for k in ks]
+        points = [(k, m, s) for k, (m, s, _) in zip(ks, stats) if m is not None]
+        if points:
+            ax.errorbar([p[0] for p in points], [100 * p[1] for p in points],
+                        yerr=[100 * (p[2] or 0.0) for p in points], marker=marker, capsize=3, label=label)
+    classes = sorted({r["num_classes"] for r in runs if r["preset"] == preset and r["num_classes"]})
+    for c in classes:
+        ax.axvline(c, color="grey", linestyle=":", linewidth=1)
+    if ks and ks[-1] / max(ks[0], 1) >= 20:
+        ax.set_xscale("log")
+    ax.set_xticks(ks)
+    ax.set_xticklabels([str(k) for k in ks])
+    ax.set_xlabel("K (clusters)" + (f"; dotted: {', '.join(map(str, classes))} classes" if classes else ""))
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{preset}: scores vs K")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def write_comparison_plots(runs: Sequence[Mapping[str, Any]], plots_dir: str | os.PathLike) -> list[Path]:
+    """``stage_accuracy.png`` and, per preset run with several K, ``acc_vs_k-<preset>.png``; returns the paths."""
+    plots_dir = Path(plots_dir)
+    written = [plots_dir / "stage_accuracy.png"]
+    write_stage_accuracy_png(written[0], runs)
+    for preset in overclustering_datasets(runs):
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in preset)
+        written.append(plots_dir / f"acc_vs_k-{safe}.png")
+        write_acc_vs_k_png(written[-1], preset, runs)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m scan_dist.report``: compare finished runs; prints the Markdown and writes it and the plots."""
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m scan_dist.report",
+        description="Compare finished SCAN runs (metrics.json + config.yaml) with each other and with the paper.")
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (one per seed / K)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Markdown file to write (default: PLOTS/report.md)")
+    parser.add_argument("--plots", type=Path, default=None,
+                        help="folder for the PNGs (default: FIRST_RUN_DIR/report_plots)")
+    args = parser.parse_args(argv)
+    try:
+        runs = [load_run(d) for d in args.run_dirs]
+        plots_dir = args.plots if args.plots is not None else Path(args.run_dirs[0]) / "report_plots"
+        out = args.out if args.out is not None else plots_dir / "report.md"
+        try:
+            plots = write_comparison_plots(runs, plots_dir)
+            text = format_comparison_md(runs, plots, relative_to=out.parent)
+            atomic_write_text(out, text)
+        except OSError as exc:
+            raise ReportError(f"cannot write the report: {exc}") from None
+    except ReportError as exc:
+        print(f"scan_dist.report: error: {exc}", file=sys.stderr)
+        return 2
+    print(text, end="")
+    print(f"\nwrote {out} and {len(plots)} plot(s) in {plots_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

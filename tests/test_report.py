@@ -1,6 +1,9 @@
-"""Tests for scan_dist.report: PNG/Markdown writers, terminal tables and all-or-nothing writes."""
+"""Tests for scan_dist.report: PNG/Markdown writers, terminal tables, all-or-nothing writes and the run comparison."""
 
+import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,9 +11,13 @@ import torch
 
 from scan_dist import report
 from scan_dist.report import (
+    PAPER_RESULTS,
     atomic_write_text,
+    format_comparison_md,
     format_metrics_table,
     format_time_table,
+    load_run,
+    mean_std,
     write_confusion_png,
     write_prototypes_png,
     write_report_md,
@@ -192,3 +199,137 @@ def test_import_has_no_backend_side_effect():
     code = ("import matplotlib, scan_dist.report, scan_dist.metrics; "
             "import sys; assert 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------- python -m scan_dist.report (comparison of runs)
+
+def _scores(acc, nmi, ari, m2o, clusters, classes=10):
+    return {"acc": acc, "nmi": nmi, "ari": ari, "ami": nmi - 0.01, "acc_many_to_one": m2o,
+            "num_clusters": clusters, "num_classes": classes}
+
+
+def _fake_run(root, name, preset="cifar10", k=10, seed=0, acc=0.8, nmi=0.7, ari=0.6, m2o=0.81, scan_acc=0.75,
+              selflabel=True, kmeans_acc=0.22):
+    """A run folder shaped like pipeline.summarize's metrics.json and the launcher's config.yaml."""
+    run = root / name
+    run.mkdir(parents=True)
+    final = _scores(acc, nmi, ari, m2o, k)
+    seconds = {"pretext": 100.0 + seed, "embed": 5.0, "mine": 2.0, "scan": 30.0}
+    if selflabel:
+        seconds["selflabel"] = 40.0
+    seconds["evaluate"] = 3.0
+    stages = {name_: {"seconds": sec} for name_, sec in seconds.items()}
+    stages["evaluate"].update({"num_images": 10000, "final": final,
+                               "scan_heads": {"selected_head": 0, "selected": _scores(scan_acc, nmi, ari, m2o, k),
+                                              "acc_per_head": [scan_acc]},
+                               "kmeans_pixels": _scores(kmeans_acc, 0.1, 0.05, 0.3, 10)})
+    metrics = {"acc": acc, "nmi": nmi, "ari": ari, "ami": nmi - 0.01, "final": final,
+               "baseline_kmeans_pixels": stages["evaluate"]["kmeans_pixels"], "stages": stages,
+               "seconds": {**seconds, "total": sum(seconds.values())}, "preset": preset, "world_size": 1}
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "config.yaml").write_text(f"# git commit: abc\nname: {preset}\nnum_clusters: {k}\n"
+                                     f"data:\n  path: data/x\nrun:\n  seed: {seed}\n  threads: 2\n")
+    return run
+
+
+@pytest.fixture
+def fake_runs(tmp_path):
+    """cifar10 with K = 10 (seeds 0, 1) and K = 20 (seeds 0, 1)."""
+    root = tmp_path / "runs"
+    return [
+        _fake_run(root, "c10_k10_s0", k=10, seed=0, acc=0.80, nmi=0.70, ari=0.60, m2o=0.82, scan_acc=0.75),
+        _fake_run(root, "c10_k10_s1", k=10, seed=1, acc=0.84, nmi=0.72, ari=0.64, m2o=0.86, scan_acc=0.79),
+        _fake_run(root, "c10_k20_s0", k=20, seed=0, acc=0.60, nmi=0.68, ari=0.50, m2o=0.86, scan_acc=0.55),
+        _fake_run(root, "c10_k20_s1", k=20, seed=1, acc=0.64, nmi=0.70, ari=0.52, m2o=0.88, scan_acc=0.58,
+                  selflabel=False),
+    ]
+
+
+def test_mean_std_arithmetic():
+    mean, std, n = mean_std([0.80, 0.84])
+    assert n == 2 and mean == pytest.approx(0.82) and std == pytest.approx(0.0282842712)  # sample std, ddof=1
+    assert mean_std([0.5, None, 0.7, 0.9])[1:] == (pytest.approx(0.2), 3)
+    assert mean_std([0.4]) == (pytest.approx(0.4), None, 1)
+    assert mean_std([None, float("nan")]) == (None, None, 0)
+
+
+def test_paper_values():
+    expected = {"cifar10": (88.3, 79.7, 77.2), "cifar20": (50.7, 48.6, 33.3), "stl10": (80.9, 69.8, 64.6),
+                "imagenet50": (76.8, 82.2, 66.1), "imagenet100": (68.9, 80.8, 57.6),
+                "imagenet200": (58.1, 77.2, 47.0), "imagenet1k": (39.9, 72.0, 27.5)}
+    assert {k: v["selflabel"] for k, v in PAPER_RESULTS.items()} == expected
+    assert [PAPER_RESULTS[k]["k"] for k in expected] == [10, 20, 10, 50, 100, 200, 1000]
+
+
+def test_load_run(fake_runs):
+    run = load_run(fake_runs[1])
+    assert (run["preset"], run["num_clusters"], run["seed"], run["label"]) == ("cifar10", 10, 1, "c10_k10_s1")
+    assert (run["acc"], run["scan_acc"], run["kmeans_acc"], run["acc_many_to_one"]) == (0.84, 0.79, 0.22, 0.86)
+    assert run["selflabel"] and run["seconds"]["total"] == pytest.approx(181.0)
+    assert not load_run(fake_runs[3])["selflabel"]
+
+
+def test_comparison_cli(fake_runs, tmp_path, capsys):
+    out, plots = tmp_path / "cmp" / "compare.md", tmp_path / "plots"
+    assert report.main([*map(str, fake_runs), "--out", str(out), "--plots", str(plots)]) == 0
+    printed = capsys.readouterr().out
+    text = out.read_text()
+    assert printed == text
+    # mean ± sample std over the 2 seeds, the paper's row and ours − paper (only where K = the paper's 10)
+    assert ("| cifar10 | 10 | 2 | 0, 1 | 82.0 ± 2.8 | 71.0 ± 1.4 | 62.0 ± 2.8 | 88.3 | 79.7 | 77.2 "
+            "| -6.3 | -8.7 | -15.2 |") in text
+    assert "| cifar10 | 20 | 2 | 0, 1 | 62.0 ± 2.8 | 69.0 ± 1.4 | 51.0 ± 1.4 | — | — | — | — | — | — |" in text
+    # per stage: k-means, SCAN head, final, self-label gain, paper SCAN step, seconds per stage and total
+    assert ("| c10_k10_s1 | cifar10 | 10 | 1 | 22.0 | 79.0 | 84.0 | +5.0 | 81.6 | 101.0 | 5.0 | 2.0 | 30.0 "
+            "| 40.0 | 3.0 | 181.0 |") in text
+    # no self-labelling stage: no gain, and its stage time is a dash
+    assert "| c10_k20_s1 | cifar10 | 20 | 1 | 22.0 | 58.0 | 64.0 | — | — | 101.0 | 5.0 | 2.0 | 30.0 | — | 3.0 | 141.0 |" \
+        in text
+    # the unknown-K table: Hungarian (one-to-one on the best clusters) vs many-to-one vs NMI
+    assert "## Overclustering / unknown K" in text
+    assert "| cifar10 | 10 | 2 | 10 | 10 | 82.0 ± 2.8 | 84.0 ± 2.8 | 71.0 ± 1.4 |" in text
+    assert "| cifar10 | 20 | 2 | 10 | 20 | 62.0 ± 2.8 | 87.0 ± 1.4 | 69.0 ± 1.4 |" in text
+    for name in ("stage_accuracy.png", "acc_vs_k-cifar10.png"):
+        _assert_png(plots / name)
+        assert f"](../plots/{name})" in text  # linked relative to the Markdown file
+    assert sorted(os.listdir(plots)) == ["acc_vs_k-cifar10.png", "stage_accuracy.png"]
+
+
+def test_comparison_defaults_single_k(fake_runs, capsys):
+    assert report.main([str(fake_runs[0]), str(fake_runs[1])]) == 0
+    plots = fake_runs[0] / "report_plots"
+    _assert_png(plots / "stage_accuracy.png")
+    assert not (plots / "acc_vs_k-cifar10.png").exists()
+    text = (plots / "report.md").read_text()
+    assert "Overclustering" not in text and "](stage_accuracy.png)" in text
+    assert capsys.readouterr().out == text
+
+
+def test_comparison_without_paper_row(tmp_path):
+    run = load_run(_fake_run(tmp_path, "smoke_run", preset="smoke", k=10, acc=0.397, nmi=0.409, ari=0.2836))
+    text = format_comparison_md([run])
+    assert "| smoke | 10 | 1 | 0 | 39.7 | 40.9 | 28.4 | — | — | — | — | — | — |" in text  # single run: no ±
+
+
+def test_comparison_errors(tmp_path, capsys):
+    assert report.main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "run folder not found" in err and "missing" in err
+
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no metrics.json" in err
+
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "metrics.json").write_text("{not json")
+    assert report.main([str(tmp_path / "broken")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read" in err
+
+
+def test_comparison_module_exit_code(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "scan_dist.report", str(tmp_path / "nope")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"scan_dist.report: error: run folder not found: {tmp_path / 'nope'}"]

@@ -6,6 +6,7 @@ import torch
 from ..io_utils import save_torch
 from ..losses import nt_xent
 from ..models import build
+from ..models.pretrained import load_pretrained_backbone
 from ..trainer import Schedule, run_epochs, steps_per_epoch
 from .common import make_optimizer
 
@@ -15,16 +16,19 @@ ARTIFACT = "model.pt"
 def run(cfg, ctx, config_hash: str) -> dict:
     out = ctx.stage_dir("pretext") / ARTIFACT
     model = ctx.prepare_model(build.simclr_model(cfg, ctx.channels))
+    metrics: dict = {}
     if cfg.model.pretrained:
-        build.load_state(model.backbone, cfg.model.pretrained)
-        ctx.log.info("pretext: backbone loaded from %s (model.pretrained); SimCLR training skipped",
-                     cfg.model.pretrained)
-        history = []
+        loaded = load_pretrained_backbone(model.backbone, cfg.model.pretrained)
+        ctx.log.info("pretext: %s; SimCLR training skipped", loaded["summary"])
+        metrics["pretrained"] = {"format": loaded["format"], "tensors": loaded["loaded"],
+                                 "dropped": sum(len(keys) for keys in loaded["dropped"].values())}
     else:
         history = _train(cfg, ctx, model, config_hash)
+        if history:
+            metrics["final_loss"] = history[-1]["loss"]
     if ctx.is_main:
         save_torch(out, {"model": model.state_dict()})
-    return {"artifacts": {"model": str(out)}, "metrics": {"final_loss": history[-1]["loss"]} if history else {}}
+    return {"artifacts": {"model": str(out)}, "metrics": metrics}
 
 
 def _train(cfg, ctx, model, config_hash: str) -> list[dict]:
