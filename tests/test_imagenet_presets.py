@@ -90,6 +90,22 @@ def test_reader_labels_match_standin(tmp_path, fashion_mnist, flat_val):
     assert everything.class_names == [name_of[w].split(",")[0] for w in sorted(name_of)]
 
 
+def test_kaggle_download_layout_loads(tmp_path, fashion_mnist):
+    """Kaggle's ImageNet: images under ILSVRC/Data/CLS-LOC/{train,val}, LOC_val_solution.csv and the synset
+    mapping at the download root; data.path may be either the download root or the CLS-LOC folder."""
+    import shutil
+
+    download = tmp_path / "kaggle"
+    info = build_imagenet_standin(download / "ILSVRC" / "Data" / "CLS-LOC", "imagenet50", 2, 2, True, size=48)
+    for name in ("LOC_val_solution.csv", "LOC_synset_mapping.txt"):
+        shutil.move(str(Path(info["root"]) / name), str(download / name))
+    for path in (download, Path(info["root"])):
+        images = open_dataset(path, "eval", fmt="imagenet", image_size=32, subset="imagenet50", progress=False)
+        assert [info["wnids"][t] for t in images.targets] == [info["labels"][n] for n in images.names]
+        assert len(open_dataset(path, "train", fmt="imagenet", image_size=32, subset="imagenet50",
+                                progress=False)) == info["num_train"]
+
+
 @pytest.mark.parametrize("preset,flat_val,per_train,per_val,extra,overrides", CASES, ids=[c[0] for c in CASES])
 def test_imagenet_preset_end_to_end(tmp_path, fashion_mnist, preset, flat_val, per_train, per_val, extra, overrides,
                                     record_property):

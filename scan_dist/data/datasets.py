@@ -762,9 +762,16 @@ _FILE_LOADERS = {"imagefolder": _load_imagefolder, "flat": _load_flat}
 # ---- ImageNet --------------------------------------------------------------------------------
 
 
+_KAGGLE_IMAGES = Path("ILSVRC") / "Data" / "CLS-LOC"
+
+
 def _imagenet_files(root: Path, split: str, subset: str | None) -> _FileSource:
+    # Kaggle's download keeps the images under ILSVRC/Data/CLS-LOC/{train,val} and the csv/mapping at its root.
+    download_root = root
+    if not any((root / name).is_dir() for name in _IMAGENET_TRAIN_DIRS) and (root / _KAGGLE_IMAGES).is_dir():
+        root = root / _KAGGLE_IMAGES
     train_dir = _first_dir(root, _IMAGENET_TRAIN_DIRS, "train")
-    wnids, class_names = _imagenet_classes(root, train_dir, subset)
+    wnids, class_names = _imagenet_classes(_with_file(root, download_root, _IMAGENET_SYNSETS), train_dir, subset)
     index = {wnid: i for i, wnid in enumerate(wnids)}
     if split == "train":
         folder = train_dir
@@ -774,12 +781,20 @@ def _imagenet_files(root: Path, split: str, subset: str | None) -> _FileSource:
         if any(_WNID.fullmatch(d.name) for d in _visible_subdirs(folder)):
             entries = _imagenet_val_folders(folder, index, subset)
         else:
-            entries = _imagenet_val_flat(root, folder, index, subset)
+            entries = _imagenet_val_flat(_with_file(root, download_root, _IMAGENET_VAL_CSV), folder, index, subset)
     if not entries:
         raise DataError(f"{folder}: no ImageNet images found for the selected classes; check data.path and data.subset")
     files, targets = _labelled_files(root, entries)
     details = [split] + ([subset] if subset else [])
     return _FileSource(root, files, targets, class_names, f"imagenet:{root}", details)
+
+
+def _with_file(root: Path, download_root: Path, name: str) -> Path:
+    """The folder holding `name`: the image root, the download root, or up to three levels above the image root."""
+    for folder in (root, download_root, *list(root.parents)[:3]):
+        if (folder / name).is_file():
+            return folder
+    return root
 
 
 def _first_dir(root: Path, names: tuple[str, ...], what: str) -> Path:
