@@ -190,7 +190,8 @@ def estimate_gpu_hours(cfg: Config, res: Resources) -> dict:
     work = {
         "pretext": 0 if cfg.model.pretrained else 2 * cfg.pretext.epochs * images,
         "embed": images / 3,
-        "scan": 2 * cfg.scan.epochs * images if cfg.scan.mode == "full" else images / 3,
+        "scan": (2 * cfg.scan.epochs * images if cfg.scan.mode == "full"
+                 else (cfg.scan.cached_views + 1) * images / 3 if cfg.scan.mode == "cached" else images / 3),
         "selflabel": 2 * cfg.selflabel.epochs * images if cfg.selflabel.enabled else 0,
         "evaluate": images / 3 / 10,
     }

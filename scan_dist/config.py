@@ -78,7 +78,9 @@ class MineConfig:
 
 @dataclass
 class ScanConfig:
-    mode: str = "full"  # full: backbone + heads on augmented views | head: heads only on frozen features
+    mode: str = "full"  # full: backbone + heads on augmented views | head: heads only on frozen features |
+    #                     cached: heads only, on frozen features of `cached_views` fixed augmented views (kind
+    #                     scan.view) computed once into <run>/scan/cache (see stages/feature_cache.py)
     features: str = "backbone"  # what the heads read: backbone (the paper) | mined (the space the neighbours were
     #                              mined in: pretext embedding and/or pixel PCA, see models/mined_space.py)
     init: str = "pretext"  # backbone start: pretext (the paper) | random (the pretext then only mines); with
@@ -96,6 +98,8 @@ class ScanConfig:
     view: str = "simclr"  # augmentation of anchor and neighbour: simclr | strong | weak | eval
     loss_backend: str = "auto"  # SCAN loss implementation: auto (Triton on CUDA, else torch) | triton | torch
     select_entropy_weight: float = 1.0  # weight of the entropy in the head-selection loss (paper: 1)
+    cached_views: int = 4  # mode=cached: augmented views stored per image (anchors and neighbours draw one of
+    #                         them per step); 0 trains on the un-augmented features only (like mode=head)
 
 
 @dataclass
@@ -184,7 +188,7 @@ _CHOICES = {
     "mine.backend": ("auto", "torch", "faiss", "triton"),
     "mine.precision": ("fp32", "fp16"),
     "mine.layer": ("projection", "backbone"),
-    "scan.mode": ("full", "head"),
+    "scan.mode": ("full", "head", "cached"),
     "scan.init": ("pretext", "random"),
     "scan.features": ("backbone", "mined"),
     "scan.optimizer": ("sgd", "adam"),
@@ -340,8 +344,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_size must be at least 8; got {cfg.data.image_size}")
     if cfg.data.channels not in (None, 1, 3):
         raise ConfigError(f"data.channels must be 1 or 3; got {cfg.data.channels}")
-    if cfg.scan.mode == "head" and cfg.scan.init == "random":
+    if cfg.scan.mode in ("head", "cached") and cfg.scan.init == "random":
         raise ConfigError("scan.init=random needs scan.mode=full: frozen random features cannot be clustered")
+    if cfg.scan.cached_views < 0:
+        raise ConfigError(f"scan.cached_views must be >= 0; got {cfg.scan.cached_views}")
     if cfg.dist.zero_stage and cfg.dist.backend != "deepspeed":
         raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} needs dist.backend=deepspeed")
     if cfg.dist.timeout_s < 1:

@@ -2,8 +2,13 @@
 
 `scan.mode=full` trains backbone and heads on augmented views of the anchor and of a sampled neighbour (the
 paper's CIFAR/STL recipe); `scan.mode=head` trains only the heads on frozen backbone features (the paper's ImageNet
-recipe; seconds per epoch). The head kept is the one with the lowest SCAN loss on the evaluation images and their
-own mined neighbours — the paper's label-free selection rule.
+recipe; seconds per epoch). `scan.mode=cached` also trains only the heads, but on frozen features of fixed
+augmented views: the backbone runs once per image and view (`scan.cached_views` views of kind `scan.view`, plus the
+un-augmented view 0) into an fp16 memory-mapped cache under `<run>/scan/cache/` (see feature_cache.py), and every
+step gathers rows from it. Each anchor and each sampled neighbour draws its own view uniformly from the augmented
+views 1..V (as the paper augments both); view 0, the un-augmented image, is used only when V = 0 (then it equals
+mode=head) and is kept for consumers of plain features. The head kept is the one with the lowest SCAN loss on the
+evaluation images (un-augmented) and their own mined neighbours — the paper's label-free selection rule.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from ..losses import scan_objective
 from ..models import build
 from ..trainer import Schedule, run_epochs, steps_per_epoch
 from .common import infer, make_optimizer
+from .feature_cache import build_cache
 
 
 def sample_neighbors(indices: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
@@ -25,6 +31,16 @@ def sample_neighbors(indices: torch.Tensor, neighbors: torch.Tensor) -> torch.Te
     pick = batch_rng.randint(k + 1, len(indices))  # drawn for the global batch: the same partners on N ranks
     partners = neighbors[indices, pick.clamp(max=k - 1)]
     return torch.where(pick == k, indices, partners)
+
+
+def draw_views(count: int, views: int) -> torch.Tensor:
+    """A cached view per row: uniform over the augmented views 1..`views`; all view 0 when `views` is 0.
+
+    Drawn with batch_rng, so N processes draw for their rows what one process draws for them.
+    """
+    if views == 0:
+        return torch.zeros(count, dtype=torch.long)
+    return batch_rng.randint(views, count) + 1
 
 
 def selection_losses(logits: torch.Tensor, neighbors: torch.Tensor, entropy_weight: float) -> torch.Tensor:
@@ -55,8 +71,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
         build.load_backbone_from(model.backbone, ctx.run_dir / "pretext" / "model.pt")
     neighbors = torch.from_numpy(np.load(ctx.run_dir / "mine" / "train_neighbors.npy"))
 
-    history = _train_full(cfg, ctx, model, neighbors, config_hash) if s.mode == "full" else \
-        _train_heads(cfg, ctx, model, neighbors, config_hash)
+    train = {"full": _train_full, "head": _train_heads, "cached": _train_cached}[s.mode]
+    history = train(cfg, ctx, model, neighbors, config_hash)
 
     model.eval()
     eval_logits = infer(ctx, model, ctx.eval_set.images, desc="scan select")
@@ -115,13 +131,41 @@ def _train_full(cfg, ctx, model, neighbors, config_hash):
 
 
 def _train_heads(cfg, ctx, model, neighbors, config_hash):
-    s = cfg.scan
     model.eval()  # frozen backbone: BatchNorm keeps its running statistics, as in the paper's head-only mode
     features = infer(ctx, model.backbone, ctx.train_set.images, desc="scan features").to(ctx.device)
+    return train_on_features(cfg, ctx, model, neighbors, config_hash,
+                             lambda views, rows: features[rows.to(ctx.device)], len(features), views=0)
+
+
+def _train_cached(cfg, ctx, model, neighbors, config_hash):
+    s = cfg.scan
+    model.eval()  # frozen backbone (BatchNorm with running statistics), as in mode=head
+    cache = build_cache(ctx, model.backbone, ctx.train_set.images, s.cached_views, s.view,
+                        ctx.stage_dir("scan") / "cache")
+    return train_on_features(cfg, ctx, model, neighbors, config_hash, cache.get, cache.num_items,
+                             views=s.cached_views)
+
+
+def train_on_features(cfg, ctx, model, neighbors, config_hash, features_fn, num_items: int, views: int):
+    """Train `model.heads` (only) on frozen features: `features_fn(views, rows)` returns the float32 features of
+    image rows[j] in view views[j] on the device. Anchors and sampled neighbours each draw a view (`draw_views`,
+    anchors first) after the neighbour draw; `views=0` draws nothing (every row view 0: mode=head)."""
+    s = cfg.scan
     optimizer, lrs = _optimizer(cfg, model)
-    schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(len(features), s.batch_size))
+    schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(num_items, s.batch_size))
     engine = ctx.engine(model.heads, optimizer)  # only the heads train: only they are wrapped
-    step = _scan_step(lambda anchors, partners: engine(features[torch.cat([anchors, partners]).to(ctx.device)]),
-                      engine, neighbors, s.entropy_weight, s.loss_backend)
-    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, len(features),
-                      s.batch_size, s.epochs, step, engine, schedule)
+    step = _scan_step(feature_logits(engine, features_fn, views), engine, neighbors, s.entropy_weight,
+                      s.loss_backend)
+    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, num_items, s.batch_size, s.epochs, step, engine,
+                      schedule)
+
+
+def feature_logits(engine, features_fn, views: int):
+    """`logits_fn(anchors, partners)` for `_scan_step` on stored features: a view per row (anchors' draws first),
+    the rows' features gathered, the heads (wrapped by `engine`) applied to anchors and partners in one batch."""
+
+    def logits(anchors, partners):
+        chosen = torch.cat([draw_views(len(anchors), views), draw_views(len(partners), views)])
+        return engine(features_fn(chosen, torch.cat([anchors, partners])))
+
+    return logits

@@ -1,0 +1,280 @@
+"""scan.mode=cached: the fp16 feature cache (fixed views, sharded build, reuse) and head training on it.
+
+The reference for cached training is SCAN on the fly: the same fixed augmented images, the frozen backbone run on
+every step's rows, the same per-row view draws. The cache stores fp16, so the two agree to fp16 rounding of the
+features (relative 2**-11 ~ 4.9e-4), not bit for bit; the tolerances below are stated against that.
+"""
+import json
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gloo import free_port, gloo_group
+from scan_dist.config import load_config
+from scan_dist.context import RunContext
+from scan_dist.models import build
+from scan_dist.stages import feature_cache, scan
+from scan_dist.stages.feature_cache import FeatureCache, build_cache, chunk_views
+
+NUM, VIEWS, CHUNK = 256, 3, 96  # 3 chunks, the last one partial (64 rows)
+BASE = ("run.progress=false", "run.device=cpu", "data.mean=[0.5]", "data.std=[0.25]", "model.channels_last=false",
+        "model.width=8", "scan.mode=cached", "scan.features=backbone", "scan.batch_size=64", "scan.epochs=2",
+        "scan.num_heads=2", f"scan.cached_views={VIEWS}", "scan.view=simclr", "run.eval_batch_size=64",
+        "run.checkpoint_every_steps=1000")
+
+
+def fake_images(num: int = NUM) -> torch.Tensor:
+    """Fashion-MNIST-like (grey, uint8, a bright blob in one of 9 places per image), 16x16 to keep the tests fast."""
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 60, (num, 1, 16, 16), generator=gen, dtype=torch.uint8)
+    for i in range(num):
+        row, col = divmod(i % 9, 3)
+        images[i, 0, 1 + 5 * row:5 + 5 * row, 1 + 5 * col:5 + 5 * col] = 200
+    return images
+
+
+def make_ctx(run_dir: Path, *overrides: str) -> RunContext:
+    cfg = load_config("smoke", [*BASE, *overrides])
+    ctx = RunContext(cfg, run_dir, logging.getLogger("test_feature_cache"))
+    ctx.train_set = SimpleNamespace(images=fake_images())  # cached_property: an instance attribute overrides it
+    return ctx
+
+
+def make_model(ctx: RunContext, seed: int = 0):
+    """A cluster model whose frozen backbone has BatchNorm statistics of the images (as after pretext training),
+    so its features have a useful scale (a fresh BatchNorm in eval mode leaves them at ~1e-3)."""
+    torch.manual_seed(seed)
+    model = build.cluster_model(ctx.cfg, ctx, ctx.cfg.scan.num_heads)
+    for module in model.backbone.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: one pass sets the statistics of that batch
+    model.backbone.train()
+    with torch.no_grad():
+        model.backbone(ctx.transform("eval")(ctx.train_set.images))
+    return model.eval()
+
+
+def fake_neighbors(num: int = NUM, k: int = 5) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    return (torch.arange(num)[:, None] + torch.randint(1, num, (num, k), generator=gen)) % num
+
+
+def test_cache_layout_dtype_and_reuse(tmp_path):
+    ctx = make_ctx(tmp_path)
+    model = make_model(ctx)
+    images = ctx.train_set.images
+    calls = []
+    model.backbone.register_forward_hook(lambda *_: calls.append(1))
+    rng_before = torch.get_rng_state()
+    cache = build_cache(ctx, model.backbone, images, VIEWS, "simclr", tmp_path / "cache", chunk_rows=CHUNK)
+    assert torch.equal(torch.get_rng_state(), rng_before), "building a cache must not move the training RNG"
+    assert cache.built and cache.path.parent.parent == tmp_path / "cache"
+    stored = np.load(cache.path, mmap_mode="r")
+    assert isinstance(stored, np.memmap) and stored.dtype == np.float16
+    dim = model.backbone.out_dim
+    assert stored.shape == (VIEWS + 1, NUM, dim) and (cache.num_views, cache.num_items, cache.dim) == stored.shape
+    meta = json.loads((cache.path.parent / "meta.json").read_text())
+    assert meta["complete"] and meta["shape"] == [VIEWS + 1, NUM, dim] and meta["dtype"] == "float16"
+    with torch.no_grad():
+        eval_features = model.backbone(ctx.transform("eval")(images))
+        view2_chunk1 = model.backbone(chunk_views(ctx, images, 2, "simclr", 1, CHUNK))
+    # view 0 is the un-augmented image, views 1..V the seeded augmentations; fp16 storage: relative 2**-11
+    torch.testing.assert_close(torch.from_numpy(np.array(stored[0])).float(), eval_features, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(np.array(stored[2, CHUNK:2 * CHUNK])).float(), view2_chunk1,
+                               rtol=1e-3, atol=1e-3)
+    for a in range(VIEWS + 1):
+        for b in range(a + 1, VIEWS + 1):
+            gap = np.linalg.norm(stored[a] - stored[b]) / np.linalg.norm(stored[a])
+            assert gap > 0.05, f"views {a} and {b} must differ"
+    views, rows = torch.tensor([0, 3, 1, 2]), torch.tensor([5, 5, 255, 100])
+    got = cache.get(views, rows)
+    assert got.dtype == torch.float32 and got.shape == (4, dim)
+    assert torch.equal(got, torch.from_numpy(np.array(stored[views.numpy(), rows.numpy()])).float())
+
+    # the same backbone, images and settings again: reused, nothing recomputed or rewritten
+    calls.clear()
+    mtime = cache.path.stat().st_mtime_ns
+    time.sleep(0.01)
+    again = build_cache(ctx, model.backbone, images, VIEWS, "simclr", tmp_path / "cache", chunk_rows=CHUNK)
+    assert not again.built and again.path == cache.path and again.path.stat().st_mtime_ns == mtime
+    assert len(calls) == 1  # only the one-image probe that finds the feature size
+    # other weights -> another key: rebuilt, and the stale cache is removed (one cache per folder)
+    with torch.no_grad():
+        next(model.backbone.parameters()).mul_(1.01)
+    changed = build_cache(ctx, model.backbone, images, VIEWS, "simclr", tmp_path / "cache", chunk_rows=CHUNK)
+    assert changed.built and changed.path != cache.path and not cache.path.exists()
+    assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [changed.path.parent.name]
+
+
+def test_cached_scan_equals_on_the_fly_scan(tmp_path, monkeypatch):
+    """Cached SCAN (fp16 memmap, gathered rows) vs SCAN with the frozen backbone run on every step's rows of the same
+    fixed views, same per-row view draws, same neighbour draws. Linear heads and SGD with momentum (the ImageNet
+    recipe), so that a feature difference moves the weights in proportion; Adam's per-element scaling and ReLU
+    kinks would turn 1e-4 differences into lr-sized ones on a few near-zero gradient elements.
+
+    * against a reference whose on-the-fly features are rounded to fp16 like the cache: equal to float32 noise
+      (the backbone on other batch compositions): losses and weights within 1e-5;
+    * against the plain float32 reference: features differ by fp16 rounding (relative <= 2**-11 ~ 4.9e-4), the
+      losses within rtol 1e-3 and the head weights within 1e-3 absolute (measured: 1.5e-4), while training moves
+      them by > 0.1 (measured: 0.47).
+    """
+    monkeypatch.setattr(feature_cache, "CHUNK_ROWS", CHUNK)
+    overrides = ("scan.optimizer=sgd", "scan.lr=1.0", "scan.momentum=0.9", "scan.head_hidden=0")
+    neighbors = fake_neighbors()
+    recorded = []
+    real_objective = scan.scan_objective
+
+    def recorder(*args, **kwargs):
+        out = real_objective(*args, **kwargs)
+        recorded.append(out[1].clone())  # per-head total loss of the step
+        return out
+
+    monkeypatch.setattr(scan, "scan_objective", recorder)
+
+    def train(name: str, features_fn=None):
+        ctx = make_ctx(tmp_path / name, *overrides)
+        model = make_model(ctx)
+        recorded.clear()
+        torch.manual_seed(123)
+        if features_fn is None:
+            history = scan._train_cached(ctx.cfg, ctx, model, neighbors, "hash")
+        else:
+            history = scan.train_on_features(ctx.cfg, ctx, model, neighbors, "hash", features_fn(ctx, model), NUM,
+                                             VIEWS)
+        return model.heads.state_dict(), torch.stack(recorded), history
+
+    seen_views = []
+
+    def on_the_fly(round_fp16: bool):
+        def make(ctx, model):
+            images, chunks = ctx.train_set.images, -(-NUM // CHUNK)
+            pixels = torch.stack([torch.cat([chunk_views(ctx, images, v, ctx.cfg.scan.view, c, CHUNK)
+                                             for c in range(chunks)]) for v in range(VIEWS + 1)])  # [V+1, N, ...]
+
+            def features(views, rows):
+                seen_views.append(views)
+                with torch.no_grad():
+                    out = model.backbone(pixels[views, rows])
+                return out.half().float() if round_fp16 else out
+
+            return features
+        return make
+
+    cached = train("cached")
+    rounded = train("rounded", on_the_fly(True))
+    plain = train("plain", on_the_fly(False))
+    untrained = make_model(make_ctx(tmp_path / "untrained", *overrides)).heads.state_dict()
+
+    steps = 2 * (NUM // 64)
+    assert len(cached[1]) == len(rounded[1]) == len(plain[1]) == steps
+    chosen = torch.cat(seen_views)
+    assert chosen.min() >= 1 and set(chosen.tolist()) == set(range(1, VIEWS + 1))  # augmented views only
+    torch.testing.assert_close(cached[1], rounded[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(cached[1], plain[1], rtol=1e-3, atol=1e-4)
+    for key in plain[2][-1]:
+        assert cached[2][-1][key] == pytest.approx(plain[2][-1][key], rel=1e-3, abs=1e-4)
+    for name in cached[0]:
+        torch.testing.assert_close(cached[0][name], rounded[0][name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(cached[0][name], plain[0][name], rtol=0, atol=1e-3)
+    moved = max(float((cached[0][n] - untrained[n]).abs().max()) for n in cached[0])
+    worst = max(float((cached[0][n] - plain[0][n]).abs().max()) for n in cached[0])
+    print(f"max |w_cached - w_fp32_reference| = {worst:.2e}, max |w - w_init| = {moved:.2e}, "
+          f"max loss diff = {float((cached[1] - plain[1]).abs().max()):.2e}")
+    assert moved > 0.1
+
+
+def test_cached_scan_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    """A run that dies mid-epoch resumes from its checkpoint on the reused cache and ends where an uninterrupted
+    run ends (run_epochs restores the RNG, so the neighbour and view draws continue as they would have)."""
+    monkeypatch.setattr(feature_cache, "CHUNK_ROWS", CHUNK)
+    overrides = ("run.checkpoint_every_steps=3",)
+    neighbors = fake_neighbors()
+
+    def train(run_dir: Path):
+        ctx = make_ctx(run_dir, *overrides)
+        model = make_model(ctx)
+        torch.manual_seed(7)
+        history = scan._train_cached(ctx.cfg, ctx, model, neighbors, "hash")
+        return model.heads.state_dict(), history
+
+    whole = train(tmp_path / "whole")
+    real_get, calls = FeatureCache.get, []
+
+    def dying_get(self, views, rows):
+        calls.append(1)
+        if len(calls) == 6:  # epoch 2, step 2: the last checkpoint is the end of epoch 1
+            raise KeyboardInterrupt("killed")
+        return real_get(self, views, rows)
+
+    monkeypatch.setattr(FeatureCache, "get", dying_get)
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "killed")
+    assert (tmp_path / "killed" / "scan" / "checkpoint.pt").is_file()
+    calls.clear()
+
+    def counting_get(self, views, rows):
+        calls.append(1)
+        return real_get(self, views, rows)
+
+    monkeypatch.setattr(FeatureCache, "get", counting_get)
+    resumed = train(tmp_path / "killed")
+    assert len(calls) == NUM // 64  # only epoch 2 ran again
+    assert resumed[1] == whole[1]
+    for name in whole[0]:
+        assert torch.equal(resumed[0][name], whole[0][name]), name
+
+
+def _shard_worker(rank: int, world: int, port: int, out_dir: str):
+    with gloo_group(rank, world, port):
+        ctx = make_ctx(Path(out_dir))
+        model = make_model(ctx)
+        build_cache(ctx, model.backbone, ctx.train_set.images, 2, "weak", Path(out_dir) / "two", chunk_rows=40)
+
+
+@pytest.mark.dist
+def test_sharded_build_equals_one_process(tmp_path):
+    mp.spawn(_shard_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each gloo worker: the same CPU kernels
+    try:
+        ctx = make_ctx(tmp_path)
+        one = build_cache(ctx, make_model(ctx).backbone, ctx.train_set.images, 2, "weak", tmp_path / "one",
+                          chunk_rows=40)  # 7 chunks, split 4 / 3 over two ranks
+    finally:
+        torch.set_num_threads(threads)
+    (two,) = [p for p in (tmp_path / "two").iterdir()]
+    assert two.name == one.path.parent.name  # the key does not depend on the number of processes
+    assert json.loads((two / "meta.json").read_text())["world_size"] == 2
+    sharded, single = np.load(two / "features.npy"), np.load(one.path)
+    assert sharded.shape == single.shape == (3, NUM, make_model(ctx).backbone.out_dim)
+    assert np.array_equal(sharded, single)
+
+
+@pytest.mark.slow
+def test_smoke_run_cached_mode(tmp_path, fashion_mnist):
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "scan_dist.launch", "--local", "--run-dir", str(run_dir), "smoke",
+           "run.progress=false", "scan.mode=cached", "scan.cached_views=2"]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["acc"] > 0.2  # better than chance (0.1) after one short epoch per stage
+    (cache_dir,) = [p for p in (run_dir / "scan" / "cache").iterdir()]
+    stored = np.load(cache_dir / "features.npy", mmap_mode="r")
+    assert stored.dtype == np.float16 and stored.shape[:2] == (3, 3000)
+    mtime = (cache_dir / "features.npy").stat().st_mtime_ns
+    # a changed SCAN training setting re-runs the stage on the same frozen backbone: the cache is reused
+    again = subprocess.run(cmd + ["scan.lr=0.002", "selflabel.enabled=false"], capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "feature cache: reusing" in (run_dir / "log.txt").read_text()
+    assert (cache_dir / "features.npy").stat().st_mtime_ns == mtime
