@@ -96,8 +96,9 @@ def test_time_limit_checkpoints_requeues_and_finishes(slurm_cluster, fashion_mni
     """A 2-minute limit with USR2 60 s before it, on a run longer than that: submitit calls checkpoint() in rank 0,
     the job is requeued under the same id and the pipeline resumes."""
     run_dir = tmp_path / "timelimit"
-    job_id = submit(run_dir, "slurm.time_min=2", "slurm.signal_delay_s=60", "data.max_images=3000",
-                    "pretext.epochs=12")
+    # max_requeues=10: on a slow or shared machine each 1-minute window makes less progress (CI once needed 4).
+    job_id = submit(run_dir, "slurm.time_min=2", "slurm.signal_delay_s=60", "slurm.max_requeues=10",
+                    "data.max_images=3000", "pretext.epochs=12")
     state = cluster.wait(job_id, run_dir, timeout_s=1200)
     assert state == "COMPLETED", state + _task_logs(run_dir)
     events = json.loads((run_dir / "jobs.json").read_text()).get("events", [])
