@@ -115,6 +115,8 @@ class SelfLabelConfig:
     class_balance: bool = True  # average the cross-entropy per pseudo-class
     ema_decay: float = 0.0  # >0: pseudo-labels come from an EMA teacher with this decay
     view: str = "strong"  # augmentation the student is trained on: strong | simclr | weak
+    mode: str = "full"  # full: backbone + head | cached: head only, on a frozen backbone's cached features
+    cached_views: int = 4  # mode=cached: fixed augmented (selflabel.view) views per image in the cache
 
 
 @dataclass
@@ -195,6 +197,7 @@ _CHOICES = {
     "scan.loss_backend": ("auto", "triton", "torch"),
     "scan.view": ("simclr", "strong", "weak", "eval"),
     "selflabel.optimizer": ("sgd", "adam"),
+    "selflabel.mode": ("full", "cached"),
     "selflabel.view": ("strong", "simclr", "weak"),
     "dist.backend": ("none", "ddp", "deepspeed"),
     "dist.zero_stage": (0, 1, 2),
@@ -348,6 +351,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("scan.init=random needs scan.mode=full: frozen random features cannot be clustered")
     if cfg.scan.cached_views < 0:
         raise ConfigError(f"scan.cached_views must be >= 0; got {cfg.scan.cached_views}")
+    if cfg.selflabel.mode == "cached" and cfg.selflabel.cached_views < 1:
+        raise ConfigError(f"selflabel.cached_views must be at least 1 with selflabel.mode=cached; "
+                          f"got {cfg.selflabel.cached_views}")
     if cfg.dist.zero_stage and cfg.dist.backend != "deepspeed":
         raise ConfigError(f"dist.zero_stage={cfg.dist.zero_stage} needs dist.backend=deepspeed")
     if cfg.dist.timeout_s < 1:

@@ -15,6 +15,8 @@ from ..losses import confident_targets, self_label_loss
 from ..models import build
 from ..trainer import Schedule, run_epochs, steps_per_epoch
 from .common import make_optimizer
+from .feature_cache import build_cache
+from .scan import draw_views
 
 
 def load_scan_model(cfg, ctx):
@@ -39,22 +41,46 @@ def run(cfg, ctx, config_hash: str) -> dict:
     model = ctx.prepare_model(load_scan_model(cfg, ctx))
     teacher = copy.deepcopy(model).eval() if sl.ema_decay > 0 else None
     images = ctx.train_set.images
-    weak, strong = ctx.transform("eval"), ctx.transform(sl.view)
-    optimizer = make_optimizer(sl.optimizer, [{"params": model.parameters(), "lr": sl.lr}], sl.weight_decay,
+    if sl.mode == "cached":
+        # Head only, on a frozen backbone: weak = the cached plain image (view 0), strong = one of the cached
+        # selflabel.view views, drawn per row with batch_rng (N processes draw what one does).
+        model.eval()
+        cache = build_cache(ctx, model.backbone, images, sl.cached_views, sl.view,
+                            ctx.stage_dir("selflabel") / "cache")
+        trained = model.heads
+
+        def weak_input(indices):
+            return cache.get(torch.zeros(len(indices), dtype=torch.long), indices)
+
+        def strong_input(indices):
+            return cache.get(draw_views(len(indices), sl.cached_views), indices)
+
+        teacher_fn = teacher.heads if teacher is not None else None
+    else:
+        weak, strong = ctx.transform("eval"), ctx.transform(sl.view)
+        trained = model
+        model.train()
+
+        def weak_input(indices):
+            return weak(images[indices])
+
+        def strong_input(indices):
+            return strong(images[indices])
+
+        teacher_fn = teacher
+    optimizer = make_optimizer(sl.optimizer, [{"params": trained.parameters(), "lr": sl.lr}], sl.weight_decay,
                                sl.momentum)
     schedule = Schedule([sl.lr], total_steps=sl.epochs * steps_per_epoch(len(images), sl.batch_size))
-    model.train()
-    engine = ctx.engine(model, optimizer)
+    engine = ctx.engine(trained, optimizer)
 
     def step(indices):
-        batch = images[indices]
-        if teacher is not None:
+        if teacher_fn is not None:
             with torch.no_grad(), engine.autocast():  # the teacher runs at the student's precision
-                weak_logits = teacher(weak(batch))[0].float()
-            strong_logits = engine(strong(batch))[0]
+                weak_logits = teacher_fn(weak_input(indices))[0].float()
+            strong_logits = engine(strong_input(indices))[0]
         else:
             # One forward for both views so BatchNorm sees them together (as the paper, in train mode).
-            logits = engine(torch.cat([weak(batch), strong(batch)]))[0]
+            logits = engine(torch.cat([weak_input(indices), strong_input(indices)]))[0]
             weak_logits, strong_logits = logits[: len(indices)].detach(), logits[len(indices):]
         mask, labels = confident_targets(weak_logits, sl.threshold)
         # Counts per pseudo-class are global; each rank returns its share of the loss, hence scale = world size.
