@@ -275,6 +275,11 @@ def _main(argv: list[str]) -> None:
     from scan_dist.dist.env import destroy_process_group
 
     destroy_process_group()
+    # Results are on disk. Skip interpreter teardown: a DeepSpeed/gloo background thread was once destroyed while
+    # joinable there ("terminate called without an active exception", SIGABRT), failing a finished rank.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # --------------------------------------------------------------------------- #
