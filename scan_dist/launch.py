@@ -57,6 +57,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """The resolved config, headed by the git commit, as the run folder's config.yaml (read back by --resume)."""
+    commit = git_commit()
+    write_text(run_dir / "config.yaml", (f"# git commit: {commit}\n" if commit else "") + to_yaml(cfg))
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
@@ -154,8 +160,7 @@ def _slurm(cfg: Config, run_dir: Path, args: argparse.Namespace) -> int:
     cluster.require_slurm()
     RunContext(cfg, run_dir, setup_logging(None)).check_data_path()
     run_dir.mkdir(parents=True, exist_ok=True)
-    commit = git_commit()
-    write_text(run_dir / "config.yaml", (f"# git commit: {commit}\n" if commit else "") + to_yaml(cfg))
+    write_config(run_dir, cfg)
     write_json(run_dir / "launch.json", {"mode": "slurm", "nodes": resources.nodes,
                                          "gpus_per_node": resources.gpus_per_node})
     job_id = cluster.submit(cfg, run_dir, resources)
@@ -215,8 +220,7 @@ def _run_rank(cfg: Config, run_dir: Path, env) -> int:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if env.is_main:
-        commit = git_commit()
-        write_text(run_dir / "config.yaml", (f"# git commit: {commit}\n" if commit else "") + to_yaml(cfg))
+        write_config(run_dir, cfg)
     ctx = RunContext(cfg, run_dir, log, env)
     log.info("run folder %s, preset %s, device %s, %d process(es), dist.backend=%s", run_dir, cfg.name, ctx.device,
              env.world_size, cfg.dist.backend)

@@ -42,7 +42,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
     probs = infer(ctx, model, eval_set.images, desc="evaluate")[0].softmax(dim=1)
     targets = eval_set.targets
     labelled = targets is not None and bool((targets >= 0).any())
-    head_logits = _scan_head_logits(cfg, ctx) if labelled else None  # every rank infers its shard
+    # every rank infers its shard; (logits of every head, the head the label-free rule selected)
+    scan_heads = _scan_head_logits(cfg, ctx) if labelled else None
     if not ctx.is_main:
         return {"artifacts": {}, "metrics": {}}
     confidence, predictions = probs.max(dim=1)
@@ -57,7 +58,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
         report.write_confusion_png(run_dir / "confusion.png", confusion, eval_set.class_names,
                                    title=f"{cfg.name}: ACC {results['final']['acc']:.3f}")
         cluster_names = _cluster_names(mapping, eval_set.class_names, cfg.num_clusters)
-        results["scan_heads"] = _score_scan_heads(head_logits, ctx, targets)
+        results["scan_heads"] = _score_scan_heads(*scan_heads, targets)
         if cfg.run.baseline:
             results["kmeans_pixels"] = M.kmeans_baseline(eval_set.images, targets, cfg.num_clusters,
                                                          seed=cfg.run.seed)
@@ -81,17 +82,16 @@ def _cluster_sizes(predictions: torch.Tensor, num_clusters: int):
     return torch.bincount(predictions, minlength=num_clusters).numpy()[None, :]
 
 
-def _scan_head_logits(cfg, ctx) -> torch.Tensor:
-    """[H, N, C] logits of every SCAN head on the evaluation images."""
+def _scan_head_logits(cfg, ctx) -> tuple[torch.Tensor, int]:
+    """([H, N, C] logits of every SCAN head on the evaluation images, the selected head), one read of the file."""
     saved = load_torch(ctx.run_dir / "scan" / "model.pt")
     model = build.cluster_model(cfg, ctx, cfg.scan.num_heads)
     model.load_state_dict(saved["model"])
     model = ctx.prepare_model(model).eval()
-    return infer(ctx, model, ctx.eval_set.images, desc="score heads")
+    return infer(ctx, model, ctx.eval_set.images, desc="score heads"), int(saved["best_head"])
 
 
-def _score_scan_heads(logits: torch.Tensor, ctx, targets) -> dict:
+def _score_scan_heads(logits: torch.Tensor, best: int, targets) -> dict:
     """Every SCAN head's accuracy next to the one the label-free rule selected (diagnostic only)."""
     heads = [M.cluster_metrics(targets, head.argmax(dim=1).numpy()) for head in logits]
-    best = load_torch(ctx.run_dir / "scan" / "model.pt")["best_head"]
     return {"selected_head": best, "selected": heads[best], "acc_per_head": [h["acc"] for h in heads]}
