@@ -7,6 +7,7 @@ and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import subprocess
 import sys
@@ -211,6 +212,9 @@ def run_local(cfg: Config, run_dir: Path) -> int:
     try:
         return _run_rank(cfg, run_dir, env)
     finally:
+        # Free the stage objects (DDP wrappers, autograd graphs) that still hold the group before closing it: a group
+        # left to interpreter teardown can abort the finished process while gloo's threads are destroyed.
+        gc.collect()
         dist_env.destroy_process_group()
 
 
