@@ -163,6 +163,7 @@ class RunConfig:
     progress: bool = True  # tqdm progress bars
     eval_batch_size: int = 1024
     baseline: bool = True  # compute the k-means-on-pixels baseline in the evaluate stage
+    tune_malloc: bool = True  # CPU runs on glibc: keep freed host memory for reuse (host_memory.py)
 
 
 @dataclass

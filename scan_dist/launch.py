@@ -20,6 +20,7 @@ from .config import Config, available_presets, load_config, to_yaml
 from .context import RunContext
 from .dist import env as dist_env
 from .errors import ConfigError, ScanDistError
+from .host_memory import tune_malloc
 from .io_utils import write_json, write_text
 from .logs import setup_logging
 from .pipeline import plan, run_pipeline
@@ -228,6 +229,8 @@ def _run_rank(cfg: Config, run_dir: Path, env) -> int:
     ctx = RunContext(cfg, run_dir, log, env)
     log.info("run folder %s, preset %s, device %s, %d process(es), dist.backend=%s", run_dir, cfg.name, ctx.device,
              env.world_size, cfg.dist.backend)
+    if cfg.run.tune_malloc and ctx.device.type == "cpu":
+        log.info(tune_malloc())
     summary = run_pipeline(ctx)
     if not env.is_main:
         return 0

@@ -1,15 +1,17 @@
 """The one epoch loop shared by the training stages: seeded shuffling, LR schedule, progress, exact resume.
 
-A stage supplies `step_fn(indices) -> dict of floats` (forward, backward, optimiser step on one batch); the loop
-owns everything around it. Checkpoints every `run.checkpoint_every_steps` steps and at each epoch end hold the
+A stage supplies `step_fn(indices) -> dict of scalars` (forward, backward, optimiser step on one batch; 0-d tensors
+left on the device, or floats); the loop owns everything around it. The logged values are summed where they are and
+read every `READ_EVERY` steps, at checkpoints and at epoch ends: a step itself never waits for the device or for the
+other ranks just to log. Checkpoints every `run.checkpoint_every_steps` steps and at each epoch end hold the
 loop position, the running loss sums and the RNG states, so a run killed at any point resumes to the same result.
 
 Distributed: `batch_size` is the global batch. Every rank walks the same seeded order and takes its contiguous
 slice of each global batch; inside `global_batch()` its per-sample random draws are those one process makes for
 the same rows, so N processes train on exactly the batches (and views) one process would. Logged values are
-averaged over ranks. Rank 0 writes the checkpoint (ranks share one RNG stream by construction, so its RNG state is
-every rank's and a run may resume on a different number of processes); a DeepSpeed engine with ZeRO shards also
-saves its own sharded checkpoint from every rank.
+averaged over ranks when they are read (one small all-reduce). Rank 0 writes the checkpoint (ranks share one RNG
+stream by construction, so its RNG state is every rank's and a run may resume on a different number of processes);
+a DeepSpeed engine with ZeRO shards also saves its own sharded checkpoint from every rank.
 """
 from __future__ import annotations
 
@@ -56,6 +58,39 @@ class Schedule:
             group["lr"] = base * factor
 
 
+# Steps between reads of the logged values (progress bar): each read is one host sync and one small all-reduce.
+READ_EVERY = 20
+
+
+class RunningMeans:
+    """Per-key sums of the logged step values: read totals (floats, equal on every rank) plus unread device sums.
+
+    Every rank must log the same keys in the same steps (the stages skip steps globally, never per rank).
+    """
+
+    def __init__(self, totals: dict | None = None):
+        self.totals = {key: tuple(value) for key, value in (totals or {}).items()}  # key -> (sum, steps)
+        self._unread: dict = {}  # key -> [sum as a float64 tensor or float, steps]
+
+    def add(self, values: dict) -> None:
+        for key, value in values.items():
+            if isinstance(value, torch.Tensor):
+                value = value.detach().to(torch.float64)
+            entry = self._unread.setdefault(key, [0.0, 0])
+            entry[0] = entry[0] + value
+            entry[1] += 1
+
+    def read(self) -> dict[str, float]:
+        """Fold the unread sums in (averaged over ranks) and return the running mean of each key."""
+        if self._unread:
+            sums = comm.mean_over_ranks({key: entry[0] for key, entry in self._unread.items()})
+            for key, entry in self._unread.items():
+                total, count = self.totals.get(key, (0.0, 0))
+                self.totals[key] = (total + sums[key], count + entry[1])
+            self._unread = {}
+        return {key: total / max(count, 1) for key, (total, count) in self.totals.items()}
+
+
 def steps_per_epoch(num_items: int, batch_size: int) -> int:
     """Full batches only (as the paper's loaders drop the last one); a set smaller than a batch is one step."""
     return max(1, num_items // batch_size)
@@ -83,18 +118,19 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, num_items: int
         raise ConfigError(f"{stage}: the global batch of {batch} does not split over {world} processes; "
                           f"use a batch size divisible by {world}")
     local = batch // world
-    epoch, step, history, sums = 0, 0, [], {}
+    epoch, step, history, running = 0, 0, [], RunningMeans()
     payload = load_checkpoint(ckpt_path, config_hash)
     if payload is not None and sharded and not optimizer.load_sharded(shard_dir, payload["position"].get("shard_tag")):
         payload = None  # the position file without its shards cannot be resumed
     if payload is not None:
         restore(payload, stateful)
         epoch, step = payload["position"]["epoch"], payload["position"]["step"]
-        history, sums = payload["position"]["history"], payload["position"]["sums"]
+        history, running = payload["position"]["history"], RunningMeans(payload["position"]["sums"])
         ctx.log.info("%s: resuming at epoch %d, step %d from %s", stage, epoch + 1, step, ckpt_path)
 
     def checkpoint():
-        position = {"epoch": epoch, "step": step, "history": history, "sums": sums}
+        running.read()
+        position = {"epoch": epoch, "step": step, "history": history, "sums": running.totals}
         if sharded:
             # A new tag per checkpoint: the position file (written last, atomically) names complete shards only;
             # a kill during a shard save leaves the previous pair intact.
@@ -118,20 +154,18 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, num_items: int
                 schedule.apply(optimizer, epoch * per_epoch + step)
             indices = order[step * batch:(step + 1) * batch][rank * local:(rank + 1) * local]
             with global_batch(batch, rank * local):
-                values = comm.mean_over_ranks(step_fn(indices))
-            for key, value in values.items():
-                total, count = sums.get(key, (0.0, 0))
-                sums[key] = (total + float(value), count + 1)
+                running.add(step_fn(indices))
             step += 1
             bar.update(1)
-            bar.set_postfix({k: f"{t / max(c, 1):.4f}" for k, (t, c) in sums.items()}, refresh=False)
+            if step % READ_EVERY == 0:
+                bar.set_postfix({k: f"{v:.4f}" for k, v in running.read().items()}, refresh=False)
             if step % every == 0 and step < per_epoch:
                 checkpoint()
         bar.close()
-        means = {key: total / max(count, 1) for key, (total, count) in sums.items()}
+        means = running.read()
         history.append(means)
         ctx.log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs,
                      ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
-        epoch, step, sums = epoch + 1, 0, {}
+        epoch, step, running = epoch + 1, 0, RunningMeans()
         checkpoint()
     return history

@@ -81,3 +81,47 @@ def test_epoch_order_is_seeded_per_epoch():
     assert not torch.equal(epoch_order(20, 1, 0), epoch_order(20, 1, 1))
     assert sorted(epoch_order(20, 1, 0).tolist()) == list(range(20))
     assert steps_per_epoch(5, 8) == 1 and steps_per_epoch(17, 8) == 2
+
+
+def test_logged_values_are_read_every_few_steps_not_every_step(tmp_path, monkeypatch):
+    from scan_dist import trainer
+
+    reads = []
+    real = trainer.comm.mean_over_ranks
+
+    def counting(values):
+        reads.append(sorted(values))
+        return real(values)
+
+    monkeypatch.setattr(trainer.comm, "mean_over_ranks", counting)
+    values = torch.arange(90, dtype=torch.float32)  # one value per step of 2 epochs of 45 steps
+
+    def step(indices):
+        n = len(reads_per_step)
+        reads_per_step.append(len(reads))
+        # tensors (left unread on the device) and a key that only some steps log, as self-labelling's skipped steps
+        out = {"loss": values[n].clone()}
+        if n % 3 == 0:
+            out["rare"] = 2.0 * n
+        return out
+
+    reads_per_step = []
+    history = run_epochs(FakeContext(tmp_path, every=1000), "stage", "hash", {}, 45, 1, 2, step)
+    per_epoch = 45 // trainer.READ_EVERY + 1  # every READ_EVERY steps, then the epoch end (the checkpoint: nothing new)
+    assert len(reads) == 2 * per_epoch
+    assert history[0]["loss"] == pytest.approx(float(values[:45].mean()))
+    assert history[1]["loss"] == pytest.approx(float(values[45:].mean()))
+    assert history[0]["rare"] == pytest.approx(sum(2.0 * n for n in range(0, 45, 3)) / 15)
+
+
+def test_running_means_resume_from_saved_totals():
+    from scan_dist.trainer import RunningMeans
+
+    first = RunningMeans()
+    for value in (1.0, torch.tensor(2.0), torch.tensor(6.0)):
+        first.add({"loss": value})
+    assert first.read() == {"loss": pytest.approx(3.0)}
+    resumed = RunningMeans(first.totals)  # what a checkpoint holds
+    resumed.add({"loss": torch.tensor(7.0)})
+    assert resumed.read() == {"loss": pytest.approx(4.0)}
+    assert resumed.totals["loss"][1] == 4

@@ -71,14 +71,20 @@ def gather_rows(local: torch.Tensor, dim: int = 0) -> torch.Tensor:
     return torch.cat([p.narrow(dim, 0, n) for p, n in zip(parts, sizes)], dim=dim).to(local.device)
 
 
-def mean_over_ranks(values: dict[str, float]) -> dict[str, float]:
-    """Average each scalar over ranks (one collective); identical on every rank."""
-    if not active() or not values:
-        return values
+def mean_over_ranks(values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Average each scalar (a float or a 0-d tensor on any device) over ranks: one collective, one host sync.
+
+    Returns Python floats, identical on every rank; in a single process, the values themselves.
+    """
+    if not values:
+        return {}
     keys = sorted(values)
-    packed = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=_comm_device())
-    dist.all_reduce(packed)
-    packed /= world_size()
+    device = _comm_device() if active() else next(
+        (v.device for v in values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+    packed = torch.stack([torch.as_tensor(values[k], dtype=torch.float64).to(device).reshape(()) for k in keys])
+    if active():
+        dist.all_reduce(packed)
+        packed /= world_size()
     return dict(zip(keys, packed.tolist()))
 
 

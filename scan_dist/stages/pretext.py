@@ -51,7 +51,7 @@ def _train(cfg, ctx, model, config_hash: str) -> list[dict]:
         loss = nt_xent(z[: len(indices)], z[len(indices):], p.temperature, gather=gather, rank=engine.rank)
         engine.backward(loss)
         engine.step()
-        return {"loss": loss.item()}
+        return {"loss": loss.detach()}
 
     return run_epochs(ctx, "pretext", config_hash, {"engine": engine}, len(images),
                       p.batch_size, p.epochs, step, engine, schedule)

@@ -110,8 +110,8 @@ def _scan_step(logits_fn, engine, neighbors, entropy_weight, loss_backend):
                                                            backend=loss_backend)
         engine.backward(loss, scale=engine.world_size)
         engine.step()
-        return {"loss": float(total.mean()), "consistency": float(consistency.mean()),
-                "entropy": float(entropy.mean())}
+        return {"loss": total.detach().mean(), "consistency": consistency.detach().mean(),
+                "entropy": entropy.detach().mean()}
 
     return step
 

@@ -92,7 +92,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
         engine.step()
         if teacher is not None:
             ema_update(teacher, model, sl.ema_decay)
-        return {"loss": loss.item() * engine.world_size, "confident": float(mask.float().mean())}
+        return {"loss": loss.detach() * engine.world_size, "confident": mask.float().mean()}
 
     stateful = {"engine": engine}
     if teacher is not None:
