@@ -4,7 +4,7 @@ import json
 import pytest
 
 from scan_dist import cluster
-from scan_dist.config import load_config
+from scan_dist.config import load_config, to_yaml
 from scan_dist.errors import ConfigError
 from scan_dist.launch import main
 
@@ -65,3 +65,26 @@ def test_status_and_cancel_need_a_slurm_run(tmp_path, capsys):
 def test_resume_needs_a_run_folder(tmp_path, capsys):
     assert main(["--resume", str(tmp_path)]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_finished_job_ignores_a_late_time_limit_signal(tmp_path, monkeypatch):
+    """After the pipeline returns, USR2 (time limit) must not kill the task while submitit saves its result."""
+    import signal
+
+    from scan_dist import launch
+
+    (tmp_path / "config.yaml").write_text(to_yaml(load_config("smoke")))
+    seen = {}
+
+    def fake_run_local(cfg, run_dir):
+        seen["handler_during_run"] = signal.getsignal(signal.SIGUSR2)
+        return 0
+
+    monkeypatch.setattr(launch, "run_local", fake_run_local)
+    previous = signal.signal(signal.SIGUSR2, signal.default_int_handler)  # stands in for submitit's handler
+    try:
+        assert cluster.PipelineJob(str(tmp_path))() == 0
+        assert seen["handler_during_run"] is signal.default_int_handler  # checkpointing stays armed while it runs
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR2, previous)

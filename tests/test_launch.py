@@ -100,3 +100,19 @@ def test_unlabelled_folder_end_to_end(tmp_path):
     assert all(0 <= int(r["cluster"]) < 3 for r in rows)
     for name in ("report.md", "confusion.png", "prototypes.png"):
         assert (run_dir / name).is_file()
+
+
+@pytest.mark.parametrize("torchrun_rank", [True, False])
+def test_exit_process_skips_teardown_only_for_torchrun_ranks(torchrun_rank):
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "TORCHELASTIC_RUN_ID")}
+    if torchrun_rank:
+        env.update(WORLD_SIZE="2", TORCHELASTIC_RUN_ID="test")
+    code = ("import atexit, logging\n"
+            "from scan_dist.launch import exit_process\n"
+            "atexit.register(lambda: print('teardown ran', flush=True))\n"
+            "logging.getLogger('scan_dist').warning('logged before exit')\n"
+            "exit_process(3)\n")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3
+    assert "logged before exit" in proc.stderr
+    assert ("teardown ran" in proc.stdout) is not torchrun_rank
