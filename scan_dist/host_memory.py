@@ -2,10 +2,10 @@
 
 Why: on Linux, glibc's malloc serves large blocks with mmap and hands freed ones, and the free top of its heaps, back
 to the kernel. A training step frees its activations and the next step allocates the same sizes again, so every
-page is faulted in anew: on the demo's pretext stage (2 cores) that was 2.6-5.2 million minor page faults and a
-third of the wall time in the kernel for 32 steps, varying from run to run with the allocator's adaptive threshold.
+page is faulted in anew: 32 steps of the demo's pretext stage (2 cores) took 2.9-3.7 million minor page faults and
+5.5-8.2 s of system time in 12.7-14.6 s, varying from run to run with the allocator's adaptive threshold.
 Raising the mmap threshold to glibc's maximum (32 MiB) and the trim threshold to 2 GiB keeps that memory for
-reuse: 0.6-0.75 million faults and 10 s instead of 12.4-15.8 s for the same steps (README, "CPU performance").
+reuse: median 13.3 s -> 10.2 s and 3.5 -> 0.95 million faults for the same steps (benchmarks/bench_host_memory.py).
 Peak memory is what the step needs anyway; it is simply not returned between steps.
 
 Only glibc is tuned (other C libraries and macOS are left alone); `run.tune_malloc=false` turns it off.
