@@ -5,14 +5,14 @@ Each timed call is one optimiser step of the stage, as the stages run it:
 * ``scan``      -- ``scan_dist.stages.scan._scan_step`` itself (the full-network mode): sample a neighbour per
   anchor, augment anchors and neighbours (the model's SCAN view), one forward of both through backbone + heads
   (``[H, 2b, C]``), ``scan_objective`` over the global batch, ``engine.backward(loss, scale=world_size)``,
-  ``engine.step()``, and the three ``float(...)`` metrics the stage returns;
-* ``selflabel`` -- the step of ``scan_dist.stages.selflabel.run`` (re-stated here: it is a closure there): weak
+  ``engine.step()``, and the three metrics the stage returns (0-d tensors, not read);
+* ``selflabel`` -- ``scan_dist.stages.selflabel.self_label_step`` itself: weak
   (``eval``) and strong views, one forward of both (or, with an EMA teacher, the teacher's no-grad forward of the
   weak view and the student's forward of the strong view), ``confident_targets``, ``self_label_loss``
   (class-balanced or not, per preset), backward with scale = world size, step, EMA update;
 
-then ``comm.mean_over_ranks`` of the returned metrics, inside ``global_batch(batch, rank * local)``, as the
-trainer's loop does.  The model is ``ClusterModel(build_backbone(...), ClusterHeads(...))`` (one head for
+inside ``global_batch(batch, rank * local)``, as the trainer's loop does; the metrics of the last step are averaged
+over ranks after the timing.  The model is ``ClusterModel(build_backbone(...), ClusterHeads(...))`` (one head for
 self-labelling, as after ``keep_head``), ``to(channels_last)`` as ``ctx.prepare_model`` does, then
 ``Engine(model, optimizer, cfg_dist)`` (SyncBatchNorm with more than one rank, DDP buckets, DeepSpeed ZeRO 0/2).
 
@@ -303,43 +303,22 @@ class _Row:
                           engine, self.neighbors, ENTROPY_WEIGHT, "auto")
 
     def _selflabel_step(self, weak, strong, class_balance: bool, threshold: float):
-        # scan_dist.stages.selflabel.run's step, restated (it is a closure there).
-        from scan_dist.losses import confident_targets, self_label_loss
-        from scan_dist.stages.selflabel import ema_update
+        from scan_dist.stages.selflabel import self_label_step
 
-        engine, images, teacher, model, decay = self.engine, self.images, self.teacher, self.model, self.ema_decay
-
-        def step(indices):
-            batch = images[indices]
-            if teacher is not None:
-                with torch.no_grad():
-                    weak_logits = teacher(weak(batch))[0]
-                strong_logits = engine(strong(batch))[0]
-            else:
-                logits = engine(torch.cat([weak(batch), strong(batch)]))[0]
-                weak_logits, strong_logits = logits[: len(indices)].detach(), logits[len(indices):]
-            mask, labels = confident_targets(weak_logits, threshold)
-            loss = self_label_loss(strong_logits, labels, mask, class_balance, process_group=engine.process_group)
-            if loss is None:
-                engine.zero_grad()
-                return {"confident": 0.0}
-            engine.backward(loss, scale=engine.world_size)
-            engine.step()
-            if teacher is not None:
-                ema_update(teacher, model, decay)
-            return {"loss": loss.item() * engine.world_size, "confident": float(mask.float().mean())}
-
-        return step
+        images, teacher = self.images, self.teacher
+        ema = (teacher, self.model, self.ema_decay) if teacher is not None else None
+        return self_label_step(self.engine, lambda indices: weak(images[indices]),
+                               lambda indices: strong(images[indices]), teacher, threshold, class_balance, ema)
 
     def __call__(self) -> None:
         from scan_dist.data.batch_rng import global_batch
-        from scan_dist.dist import comm
 
-        # The trainer's loop: this rank's slice of a global batch, split-independent random draws, metrics averaged.
+        # The trainer's loop: this rank's slice of a global batch, split-independent random draws; the logged values
+        # stay on the device (the trainer reads them every READ_EVERY steps, not per step).
         order = torch.randint(0, self.pool_size, (self.global_batch,), generator=self.index_gen)
         indices = order[self.rank * self.local:(self.rank + 1) * self.local]
         with global_batch(self.global_batch, self.rank * self.local):
-            self.last = comm.mean_over_ranks(self._step(indices))
+            self.last = self._step(indices)
 
     # ------------------------------------------------------------------ facts
     def facts(self) -> dict:
@@ -376,7 +355,9 @@ def _run_row(args, spec_row: dict, env, device: torch.device) -> dict:
             torch.cuda.reset_peak_memory_stats(device)
         bench.engine.barrier()
         stats = time_ms(bench, device, warmup=args.warmup, repeats=args.repeats)
-        last = {k: float(v) for k, v in bench.last.items()}
+        from scan_dist.dist import comm
+
+        last = comm.mean_over_ranks(bench.last)
         memory = _peak_memory_mb(device)
         ok = True
     except Exception as exc:  # an OOM, a failed compile: reported in the row, not fatal

@@ -36,6 +36,38 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
         t.copy_(s)
 
 
+def self_label_step(engine, weak_input, strong_input, teacher_fn, threshold: float, class_balance: bool, ema=None):
+    """One self-labelling step over `engine` (the stage's, and bench_train_step's): `step(indices) -> logged values`.
+
+    `weak_input(indices)` / `strong_input(indices)` give the two views of the rows; `teacher_fn`, when given, labels
+    the weak view (else the student does, in the same forward as the strong view); `ema = (teacher, student, decay)`
+    updates that teacher after each optimiser step.
+    """
+
+    def step(indices):
+        if teacher_fn is not None:
+            with torch.no_grad(), engine.autocast():  # the teacher runs at the student's precision
+                weak_logits = teacher_fn(weak_input(indices))[0].float()
+            strong_logits = engine(strong_input(indices))[0]
+        else:
+            # One forward for both views so BatchNorm sees them together (as the paper, in train mode).
+            logits = engine(torch.cat([weak_input(indices), strong_input(indices)]))[0]
+            weak_logits, strong_logits = logits[: len(indices)].detach(), logits[len(indices):]
+        mask, labels = confident_targets(weak_logits, threshold)
+        # Counts per pseudo-class are global; each rank returns its share of the loss, hence scale = world size.
+        loss = self_label_loss(strong_logits, labels, mask, class_balance, process_group=engine.process_group)
+        if loss is None:  # no confident sample in the global batch: every rank skips together
+            engine.zero_grad()
+            return {"confident": 0.0}
+        engine.backward(loss, scale=engine.world_size)
+        engine.step()
+        if ema is not None:
+            ema_update(*ema)
+        return {"loss": loss.detach() * engine.world_size, "confident": mask.float().mean()}
+
+    return step
+
+
 def run(cfg, ctx, config_hash: str) -> dict:
     sl = cfg.selflabel
     model = ctx.prepare_model(load_scan_model(cfg, ctx))
@@ -73,26 +105,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
     schedule = Schedule([sl.lr], total_steps=sl.epochs * steps_per_epoch(len(images), sl.batch_size))
     engine = ctx.engine(trained, optimizer)
 
-    def step(indices):
-        if teacher_fn is not None:
-            with torch.no_grad(), engine.autocast():  # the teacher runs at the student's precision
-                weak_logits = teacher_fn(weak_input(indices))[0].float()
-            strong_logits = engine(strong_input(indices))[0]
-        else:
-            # One forward for both views so BatchNorm sees them together (as the paper, in train mode).
-            logits = engine(torch.cat([weak_input(indices), strong_input(indices)]))[0]
-            weak_logits, strong_logits = logits[: len(indices)].detach(), logits[len(indices):]
-        mask, labels = confident_targets(weak_logits, sl.threshold)
-        # Counts per pseudo-class are global; each rank returns its share of the loss, hence scale = world size.
-        loss = self_label_loss(strong_logits, labels, mask, sl.class_balance, process_group=engine.process_group)
-        if loss is None:  # no confident sample in the global batch: every rank skips together
-            engine.zero_grad()
-            return {"confident": 0.0}
-        engine.backward(loss, scale=engine.world_size)
-        engine.step()
-        if teacher is not None:
-            ema_update(teacher, model, sl.ema_decay)
-        return {"loss": loss.detach() * engine.world_size, "confident": mask.float().mean()}
+    ema = (teacher, model, sl.ema_decay) if teacher is not None else None
+    step = self_label_step(engine, weak_input, strong_input, teacher_fn, sl.threshold, sl.class_balance, ema)
 
     stateful = {"engine": engine}
     if teacher is not None:
