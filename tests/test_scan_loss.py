@@ -153,11 +153,15 @@ def _dist_data():
     return a, n, weights
 
 
-# (rank-0 rows, rank-1 rows): equal halves, then an uneven split.
-_SPLITS = [(12, 12), (17, 7)]
+# (rank-0 rows, rank-1 rows): equal halves, an uneven split, and rank 1 with an empty local batch.
+_SPLITS = [(12, 12), (17, 7), (24, 0)]
 
 
-def _dist_worker(rank, world, port, out_dir):
+def _dist_worker(rank, world, port, out_dir, backend):
+    if backend == "triton":
+        # gloo moves CPU tensors, so the kernel runs in the interpreter even on a GPU machine; set before the first
+        # scan_loss call imports (and decorates) the kernel in this fresh process.
+        os.environ["TRITON_INTERPRET"] = "1"
     with gloo_group(rank, world, port) as dist:
         a, n, weights = _dist_data()
         results = []
@@ -165,21 +169,25 @@ def _dist_worker(rank, world, port, out_dir):
             lo = sum(split[:rank])
             rows = slice(lo, lo + split[rank])
             outs, ga, gn = _loss_and_grads(
-                lambda x, y, w: scan_loss(x, y, w, process_group=dist.group.WORLD),
+                lambda x, y, w: scan_loss(x, y, w, process_group=dist.group.WORLD, backend=backend),
                 a[:, rows], n[:, rows], weights, 5.0)
             results.append({"outs": outs, "ga": ga, "gn": gn})
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.dist
-def test_two_processes_match_one(tmp_path):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_two_processes_match_one(tmp_path, backend):
+    """2 gloo processes on parts of a batch give one process's loss (torch backend) and their rows' gradients."""
     import torch.multiprocessing as mp
 
-    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    if backend == "triton":
+        pytest.importorskip("triton", reason="triton is not installed")
+    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path), backend), nprocs=2, join=True)
     per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
     a, n, weights = _dist_data()
-    outs, ga, gn = _loss_and_grads(scan_loss, a, n, weights, 5.0)
+    outs, ga, gn = _loss_and_grads(lambda x, y, w: scan_loss(x, y, w, backend="torch"), a, n, weights, 5.0)
     for s, split in enumerate(_SPLITS):
         lo = 0
         for r in range(2):

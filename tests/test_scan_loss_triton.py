@@ -7,12 +7,8 @@ With CUDA the same tests run compiled on the GPU, plus the ``gpu``-marked benchm
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-
-from gloo import free_port, gloo_group
 
 try:
     import triton  # noqa: F401
@@ -316,58 +312,6 @@ def test_training_curve_matches_torch():
     torch.testing.assert_close(losses, ref_losses, rtol=1e-4, atol=1e-4)
     for p, r in zip(params, ref_params):
         torch.testing.assert_close(p, r, rtol=1e-4, atol=1e-4)
-
-
-# --------------------------------------------------------------------------- #
-# 2-process equivalence with the Triton backend
-# --------------------------------------------------------------------------- #
-def _dist_data():
-    gen = torch.Generator().manual_seed(1234)
-    a = 2 * torch.randn(2, 24, 7, generator=gen)
-    n = a + torch.randn(2, 24, 7, generator=gen)
-    weights = [torch.randn(2, generator=gen) for _ in range(3)]
-    return a, n, weights
-
-
-# (rank-0 rows, rank-1 rows): equal halves, an uneven split, and rank 1 with an empty local batch.
-_SPLITS = [(12, 12), (17, 7), (24, 0)]
-
-
-def _dist_worker(rank, world, port, out_dir):
-    with gloo_group(rank, world, port) as dist:
-        a, n, weights = _dist_data()
-        results = []
-        for split in _SPLITS:
-            lo = sum(split[:rank])
-            rows = slice(lo, lo + split[rank])
-            outs, ga, gn = _loss_and_grads(a[:, rows], n[:, rows], weights, "triton",
-                                           process_group=dist.group.WORLD)
-            results.append({"outs": outs, "ga": ga, "gn": gn})
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-
-
-@pytest.mark.dist
-@pytest.mark.skipif(DEVICE != "cpu", reason="gloo test runs the interpreter on CPU tensors")
-def test_two_processes_match_one(tmp_path):
-    import torch.multiprocessing as mp
-
-    mp.spawn(_dist_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    per_rank = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
-
-    a, n, weights = _dist_data()
-    outs, ga, gn = _loss_and_grads(a, n, weights, "triton")
-    ref_outs, _, _ = _loss_and_grads(a, n, weights, "torch")
-    _assert_outputs_close(outs, ref_outs)
-    for s, split in enumerate(_SPLITS):
-        lo = 0
-        for r in range(2):
-            res = per_rank[r][s]
-            _assert_outputs_close(res["outs"], outs, rtol=1e-5, atol=1e-6)
-            rows = slice(lo, lo + split[r])
-            # Same gradient as the single process on those rows (not W times it).
-            torch.testing.assert_close(res["ga"], ga[:, rows], rtol=1e-4, atol=1e-7)
-            torch.testing.assert_close(res["gn"], gn[:, rows], rtol=1e-4, atol=1e-7)
-            lo += split[r]
 
 
 # --------------------------------------------------------------------------- #
