@@ -70,6 +70,9 @@ __all__ = [
     "STRONG_OPS",
     "normalize",
     "make_transform",
+    "check_kind",
+    "check_out_size",
+    "normalization_stats",
     "autocontrast",
     "equalize",
     "solarize",
@@ -538,6 +541,30 @@ def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
 # transform objects
 
 
+def check_kind(kind: str) -> None:
+    """Raise ValueError unless ``kind`` is one of :data:`KINDS` (shared with the DALI backend)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def check_out_size(out_size) -> int | None:
+    """``out_size`` as an int (None stays None); ValueError unless it is a positive integer."""
+    if out_size is not None and (isinstance(out_size, bool) or int(out_size) != out_size or out_size <= 0):
+        raise ValueError(f"out_size must be a positive integer or None, got {out_size!r}")
+    return None if out_size is None else int(out_size)
+
+
+def normalization_stats(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, std)`` as float tuples; ValueError on a length mismatch or a non-positive std."""
+    m = tuple(float(v) for v in torch.as_tensor(mean).flatten().tolist())
+    s = tuple(float(v) for v in torch.as_tensor(std).flatten().tolist())
+    if any(v <= 0 for v in s):
+        raise ValueError(f"std must be positive, got {s}")
+    if len(m) != len(s):
+        raise ValueError(f"mean has {len(m)} values but std has {len(s)}")
+    return m, s
+
+
 class _BatchTransform:
     """Picklable callable ``uint8 [B,C,S,S] -> float32 [B,C,out,out]`` for one kind."""
 
@@ -551,12 +578,7 @@ class _BatchTransform:
     ) -> None:
         self.kind = kind
         self.cfg = cfg
-        self.mean = tuple(float(v) for v in torch.as_tensor(mean).flatten().tolist())
-        self.std = tuple(float(v) for v in torch.as_tensor(std).flatten().tolist())
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"std must be positive, got {self.std}")
-        if len(self.mean) != len(self.std):
-            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        self.mean, self.std = normalization_stats(mean, std)
         self.out_size = out_size
         # Per-device cache so CUDA callers do not pay a host->device copy per batch.
         self._stats: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
@@ -689,8 +711,5 @@ def make_transform(
     ``mean``/``std`` have one value per channel; ``out_size`` (default: the
     input size) is the square output side.
     """
-    if kind not in KINDS:
-        raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {', '.join(KINDS)}")
-    if out_size is not None and (isinstance(out_size, bool) or int(out_size) != out_size or out_size <= 0):
-        raise ValueError(f"out_size must be a positive integer or None, got {out_size!r}")
-    return _BatchTransform(kind, cfg, mean, std, None if out_size is None else int(out_size))
+    check_kind(kind)
+    return _BatchTransform(kind, cfg, mean, std, check_out_size(out_size))

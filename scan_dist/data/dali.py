@@ -88,7 +88,8 @@ from torch import Tensor
 
 from scan_dist.errors import ConfigError
 
-from .augment import _LUMA, KINDS, STRONG_OPS, WEAK_MIN_SCALE, AugmentConfig, _blur_kernel_size
+from .augment import (_LUMA, STRONG_OPS, WEAK_MIN_SCALE, AugmentConfig, _blur_kernel_size, check_kind, check_out_size,
+                      normalization_stats)
 
 __all__ = [
     "BACKENDS",
@@ -475,21 +476,6 @@ def _needs_conditionals(specs: Sequence[_Spec]) -> bool:
     return any(s.kind == "strong" and s.cfg.strong_ops > 0 for s in specs)
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {', '.join(KINDS)}")
-
-
-def _stats(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    m = tuple(float(v) for v in torch.as_tensor(mean).flatten().tolist())
-    s = tuple(float(v) for v in torch.as_tensor(std).flatten().tolist())
-    if len(m) != len(s):
-        raise ValueError(f"mean has {len(m)} values but std has {len(s)}")
-    if any(v <= 0 for v in s):
-        raise ValueError(f"std must be positive, got {s}")
-    return m, s
-
-
 # ---------------------------------------------------------------------------
 # in-memory batches
 
@@ -511,10 +497,10 @@ class DaliTransform:
         device: torch.device,
         num_threads: int | None = None,
     ) -> None:
-        _check_kind(kind)
+        check_kind(kind)
         self.kind = kind
         self.cfg = cfg
-        self.mean, self.std = _stats(mean, std)
+        self.mean, self.std = normalization_stats(mean, std)
         self.out_size = out_size
         self.device = torch.device(device)
         self.num_threads = num_threads or _default_threads()
@@ -616,10 +602,7 @@ def make_dali_transform(
     device; anything else -> CPU operators).  ``num_threads``: DALI CPU worker threads
     (default: the usable cores, at most 8).  Raises ConfigError when DALI is not installed.
     """
-    if out_size is not None and (isinstance(out_size, bool) or int(out_size) != out_size or out_size <= 0):
-        raise ValueError(f"out_size must be a positive integer or None, got {out_size!r}")
-    return DaliTransform(kind, cfg, mean, std, None if out_size is None else int(out_size), torch.device(device),
-                         num_threads)
+    return DaliTransform(kind, cfg, mean, std, check_out_size(out_size), torch.device(device), num_threads)
 
 
 # ---------------------------------------------------------------------------
@@ -694,8 +677,8 @@ def jpeg_folder_pipeline(
     if not kinds:
         raise ValueError("jpeg_folder_pipeline needs at least one kind")
     for k in kinds:
-        _check_kind(k)
-    mean_t, std_t = _stats(mean, std)
+        check_kind(k)
+    mean_t, std_t = normalization_stats(mean, std)
     channels = len(mean_t)
     if channels not in (1, 3):
         raise ValueError(f"JPEG decoding gives 1 or 3 channels, got mean/std for {channels}")
