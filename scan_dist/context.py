@@ -127,24 +127,36 @@ class RunContext:
 
     def transform(self, kind: str):
         """A batched augmentation (uint8 [B,C,S,S] -> normalised float on the device) of the given kind."""
+        if self.augment_backend != "dali":
+            return self.torch_transform(kind)
+        from .data import dali
+
         mean, std = self.normalization
-        memory_format = torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
-        if self.augment_backend == "dali":
-            from .data import dali
+        base = dali.make_dali_transform(kind, self.cfg.augment, mean, std, device=self.device)
+        memory_format = self.memory_format
 
-            base = dali.make_dali_transform(kind, self.cfg.augment, mean, std, device=self.device)
+        def apply_dali(batch_uint8: torch.Tensor) -> torch.Tensor:
+            # DALI takes host arrays and returns the batch on the device already.
+            return base(batch_uint8.cpu()).contiguous(memory_format=memory_format)
 
-            def apply_dali(batch_uint8: torch.Tensor) -> torch.Tensor:
-                # DALI takes host arrays and returns the batch on the device already.
-                return base(batch_uint8.cpu()).contiguous(memory_format=memory_format)
+        return apply_dali
 
-            return apply_dali
+    def torch_transform(self, kind: str):
+        """`transform(kind)` with this project's batched torch augmentations whatever `data.backend` says (their
+        randomness is torch's, so it can be seeded: the feature cache needs that)."""
+        mean, std = self.normalization
         base = augment.make_transform(kind, self.cfg.augment, mean, std)
+        memory_format = self.memory_format
 
         def apply(batch_uint8: torch.Tensor) -> torch.Tensor:
             return base(batch_uint8.to(self.device, non_blocking=True)).contiguous(memory_format=memory_format)
 
         return apply
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        """Of the batches the transforms return (model.channels_last)."""
+        return torch.channels_last if self.cfg.model.channels_last else torch.contiguous_format
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         model = model.to(self.device)

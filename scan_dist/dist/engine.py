@@ -370,9 +370,9 @@ class Engine:
         return contextlib.nullcontext()
 
     def _autocast(self):
-        if self._amp_dtype is None or self._ds is not None:  # DeepSpeed's forward enters its own autocast
+        if self._ds is not None:  # DeepSpeed's forward enters its own autocast
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self._amp_dtype)
+        return self.autocast()
 
     def autocast(self):
         """The precision context of dist.precision, for forwards outside the engine (e.g. an EMA teacher)."""

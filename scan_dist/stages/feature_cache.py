@@ -48,7 +48,6 @@ import torch
 from tqdm import tqdm
 
 from ..config import section_hash
-from ..data import augment
 from ..dist import comm
 from ..errors import DataError
 
@@ -62,18 +61,6 @@ DEVICE_MEMORY_FRACTION = 0.5  # load the table onto a GPU when it needs at most 
 def view_seed(seed: int, view: int, chunk: int) -> int:
     """The RNG seed of the augmentation of chunk `chunk` in view `view` (view >= 1)."""
     return int(section_hash("feature-cache-view", int(seed), int(view), int(chunk)), 16) % (2**63)
-
-
-def cache_transform(ctx, kind: str):
-    """`ctx.transform(kind)` with the batched torch augmentations always (never DALI): seeded, so reproducible."""
-    mean, std = ctx.normalization
-    base = augment.make_transform(kind, ctx.cfg.augment, mean, std)
-    memory_format = torch.channels_last if ctx.cfg.model.channels_last else torch.contiguous_format
-
-    def apply(batch_uint8: torch.Tensor) -> torch.Tensor:
-        return base(batch_uint8.to(ctx.device, non_blocking=True)).contiguous(memory_format=memory_format)
-
-    return apply
 
 
 @contextlib.contextmanager
@@ -98,9 +85,9 @@ def chunk_views(ctx, images: torch.Tensor, view: int, kind: str, chunk: int, chu
     start = chunk * chunk_rows
     batch = images[start:min(start + chunk_rows, len(images))]
     if view == 0:
-        return (transform or cache_transform(ctx, "eval"))(batch)
+        return (transform or ctx.torch_transform("eval"))(batch)
     with _seeded(ctx.device, view_seed(ctx.cfg.run.seed, view, chunk)):
-        return (transform or cache_transform(ctx, kind))(batch)
+        return (transform or ctx.torch_transform(kind))(batch)
 
 
 def _state_digest(module: torch.nn.Module) -> str:
@@ -175,7 +162,7 @@ def build_cache(ctx, backbone: torch.nn.Module, images: torch.Tensor, views: int
     was_training = backbone.training
     backbone.eval()  # frozen: BatchNorm uses its running statistics, a row's features ignore its batch
     try:
-        eval_view = cache_transform(ctx, "eval")
+        eval_view = ctx.torch_transform("eval")
         dim = int(_forward(ctx, backbone, eval_view(images[:1])).reshape(1, -1).shape[1])
         key = comm.broadcast_object(cache_key(ctx, backbone, images, views, kind, dim, chunk_rows))  # rank 0's
         final = out_dir / key
@@ -209,7 +196,7 @@ def _build(ctx, backbone, images, views, kind, out_dir: Path, key: str, dim: int
     first, stop = comm.shard_range(num_chunks)
     ctx.log.info("feature cache: computing %d view(s) x %d images x %d dims (fp16, %.2f GB) into %s",
                  total_views, num, dim, total_views * num * dim * 2 / 1e9, final)
-    augmented = cache_transform(ctx, kind) if views else None
+    augmented = ctx.torch_transform(kind) if views else None
     bar = tqdm(total=total_views * (stop - first), desc="scan feature cache", unit="chunk", leave=False,
                disable=not (ctx.cfg.run.progress and comm.is_main()), dynamic_ncols=True)
     with open(path, "r+b") as handle:
