@@ -49,6 +49,7 @@ from tqdm import tqdm
 
 from ..config import section_hash
 from ..dist import comm
+from ..dist.engine import PRECISIONS
 from ..errors import DataError
 
 CACHE_VERSION = 1
@@ -135,15 +136,12 @@ def _is_complete(folder: Path, key: str) -> bool:
 
 def _forward(ctx, backbone, pixels: torch.Tensor) -> torch.Tensor:
     """Backbone features of normalised images in slices of run.eval_batch_size, at dist.precision."""
-    precision = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ctx.cfg.dist.precision)
+    precision = PRECISIONS[ctx.cfg.dist.precision]
     step = max(1, ctx.cfg.run.eval_batch_size)
     outputs = []
     for start in range(0, len(pixels), step):
-        if precision is None:
+        with contextlib.nullcontext() if precision is None else torch.autocast(ctx.device.type, dtype=precision):
             outputs.append(backbone(pixels[start:start + step]).float())
-        else:
-            with torch.autocast(device_type=ctx.device.type, dtype=precision):
-                outputs.append(backbone(pixels[start:start + step]).float())
     return torch.cat(outputs)
 
 
