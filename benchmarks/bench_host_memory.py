@@ -18,12 +18,13 @@ import json
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, write_results
+from benchmarks.common import Budget, add_budget_argument, environment, print_table, write_results
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = "/usr/share/datasets/fashion-mnist"
@@ -66,6 +67,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch threads per process (default 2)")
     parser.add_argument("--data", default=DEFAULT_DATA, help=f"Fashion-MNIST folder (default {DEFAULT_DATA})")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    add_budget_argument(parser)
     args = parser.parse_args(argv)
     args.images = args.images or (2048 if args.small else 16384)
     args.samples = args.samples or (1 if args.small else 3)
@@ -85,12 +87,20 @@ def main(argv=None) -> int:
     if not Path(args.data).is_dir():
         raise SystemExit(f"--data {args.data} does not exist: install Fashion-MNIST (make data) or pass --data")
     samples: dict[str, list[dict]] = {"default": [], "tuned": []}
+    budget = Budget(args.budget_s)
+    notes = []
+    last_pair_s = 0.0
     for index in range(args.samples):
+        pair_start = time.perf_counter()
+        if index and budget.limited and budget.left() < last_pair_s:
+            notes.append(f"{index} of {args.samples} sample pairs: --budget-s would not fit another")
+            break
         for mode in ("default", "tuned"):
             sample = run_sample(mode, args)
             samples[mode].append(sample)
             print(f"  sample {index + 1}/{args.samples} {mode:7s} " +
                   "  ".join(f"{k}={sample[k]:.4g}" for k in _FIELDS), flush=True)
+        last_pair_s = time.perf_counter() - pair_start
     rows = []
     for mode, runs in samples.items():
         row = {"impl": mode, "shape": f"pretext {args.images} images", "samples": len(runs),
@@ -104,8 +114,8 @@ def main(argv=None) -> int:
     print_table(rows, ["impl", "shape", "samples", "wall_s", "minor_faults", "system_s", "peak_rss_mb", "ratio"])
     payload = {"benchmark": "host_memory", "environment": environment("cpu"),
                "config": {"small": args.small, "images": args.images, "samples": args.samples,
-                          "threads": args.threads, "baselines": ["default"]},
-               "results": rows, "samples": samples}
+                          "threads": args.threads, "baselines": ["default"], "budget_s": args.budget_s},
+               "results": rows, "samples": samples, "notes": notes}
     print(f"wrote {write_results('host_memory', payload, args.out)}")
     return 0
 

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,7 +40,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable (benchmarks.common, kernels)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, time_ms, write_results
+from benchmarks.common import (Budget, add_budget_argument, environment, print_table, synchronize, time_ms,
+                               write_results)
 
 IMAGENET_1K = 1_281_167
 DEFAULT_IMPLS = ["naive_fp32", "naive_bf16", "torch", "triton_fp32", "triton_fp16", "faiss"]
@@ -66,6 +68,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--interp-n", type=int, default=512, help="bank rows of the interpreter subset (CPU)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    add_budget_argument(parser)
     args = parser.parse_args(argv)
     args.n = args.n or (4096 if args.small else IMAGENET_1K)
     args.q = min(args.q or args.n, args.n)
@@ -111,6 +114,34 @@ def recall(index: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
     return hits / ref.numel(), equal / ref.shape[0]
 
 
+def _fit_queries(queries, bank, impls: dict, budget: Budget, args, device, notes: list) -> torch.Tensor:
+    """The first Q' queries such that every implementation's warm-up + repeats on them fit ``budget``.
+
+    Each implementation runs once on a probe of <= 256 queries (also compiling it), then once more, timed; the
+    per-query cost, which includes any fixed setup, so it overestimates, gives Q' (never above Q, never below the
+    probe).  Rows on a subset report the time for all Q extrapolated linearly in Q."""
+    probe = queries[:min(256, queries.shape[0])]
+    per_query = 0.0
+    for name, fn in impls.items():
+        try:
+            fn(probe, bank)
+            synchronize(device)
+            start = time.perf_counter()
+            fn(probe, bank)
+            synchronize(device)
+        except Exception as exc:  # noqa: BLE001 - the real run reports it
+            notes.append(f"probe of {name} failed: {type(exc).__name__}")
+            continue
+        per_query += (time.perf_counter() - start) / probe.shape[0]
+    calls = args.warmup + args.repeats + 1  # the untimed first call in run() too
+    affordable = int(0.8 * max(0.0, budget.left()) / max(per_query * calls, 1e-12))
+    rows = max(probe.shape[0], min(queries.shape[0], affordable))
+    if rows < queries.shape[0]:
+        notes.append(f"D={bank.shape[1]}: {rows} of {queries.shape[0]} queries fit --budget-s "
+                     f"({budget.left():.0f} s left, ~{per_query * 1e3:.3f} ms per query over all impls)")
+    return queries[:rows]
+
+
 # --------------------------------------------------------------------------- #
 # Main
 # --------------------------------------------------------------------------- #
@@ -131,17 +162,29 @@ def main(argv=None) -> Path:
     if not triton_ok:
         notes.append("Triton skipped: needs CUDA, or --small on CPU (interpreter), and the triton package")
     rows = []
-    for dim in args.d:
+    budget = Budget(args.budget_s)
+    for d_index, dim in enumerate(args.d):
+        if budget.limited and budget.left() < 1.0:
+            notes.append(f"D={dim} skipped: --budget-s spent")
+            continue
         bank = make_bank(args.n, dim, args.data, args.seed, device)
         queries = bank[:args.q]
         shape = f"Q{args.q}xN{args.n}xD{dim}"
         results = {}
+        d_budget = Budget(budget.share(len(args.d) - d_index))  # this dimension's share of what is left
+        items_left = [0]
 
         def run(name, fn, q, x, interpreter=False):
             out = fn(q, x)
-            timing = time_ms(lambda: fn(q, x), device, warmup=args.warmup, repeats=args.repeats)
+            timing = time_ms(lambda: fn(q, x), device, warmup=args.warmup, repeats=args.repeats,
+                             seconds=d_budget.share(items_left[0]))
+            items_left[0] -= 1
             row = {"impl": name, "shape": f"Q{q.shape[0]}xN{x.shape[0]}xD{dim}", "k": args.k, "data": args.data,
                    "device": device.type, "interpreter": interpreter, **timing}
+            if q.shape[0] < args.q and not interpreter:
+                # Only a subset of the queries fitted the budget: the time for all of them, linear in Q.
+                row["all_queries_ms_extrapolated"] = timing["median_ms"] * args.q / q.shape[0]
+                row["extrapolation"] = f"linear in Q: median_ms x {args.q}/{q.shape[0]}"
             results[name] = (row, out, q.shape[0], x.shape[0])
             print(f"  {name:12s} {row['shape']}: {timing['median_ms']:.1f} ms", flush=True)
 
@@ -156,6 +199,13 @@ def main(argv=None) -> Path:
             impls[f"triton_{prec}"] = (lambda p: lambda q, x: knn(q, x, k, backend="triton", precision=p))(prec)
         impls["faiss"] = lambda q, x: knn_faiss(q, x, k, metric="cosine")
 
+        chosen = [name for name in args.impl if not (name.startswith("triton") and not triton_ok)]
+        items_left[0] = len(chosen)
+        if d_budget.limited and (device.type == "cuda" or not args.small):
+            # (On CPU with --small, Triton runs on its own tiny interpreter subset and the rest is quick.)
+            probed = {name: impls[name] for name in chosen
+                      if name != "faiss" or 2.0 * args.q * args.n * dim <= args.faiss_max_flop}
+            queries = _fit_queries(queries, bank, probed, d_budget, args, device, notes)
         for name in args.impl:
             fn = impls[name]
             if name.startswith("triton"):
@@ -175,6 +225,9 @@ def main(argv=None) -> Path:
                 if flop > args.faiss_max_flop:
                     notes.append(f"faiss skipped at {shape}: {flop:.2g} flop > --faiss-max-flop")
                     continue
+            if d_budget.limited and d_budget.left() < 0.5:
+                notes.append(f"{name} at {shape}: skipped, --budget-s spent")
+                continue
             run(name, fn, queries, bank)
 
         # Recall against the exact answer of the same (sub)shape.

@@ -37,7 +37,8 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, synchronize, time_ms, write_results
+from benchmarks.common import (Budget, add_budget_argument, environment, print_table, synchronize, time_ms,
+                               write_results)
 
 IMAGENET1K = dict(num=1_281_167, dim=2048, views=4, k=50, heads=10, classes=1000, batch=4096)
 SMALL = dict(num=20_000, dim=256, views=2, k=20, heads=10, classes=100, batch=1024)
@@ -58,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup-steps", type=int, default=5)
     parser.add_argument("--no-instrumented", action="store_true", help="skip the per-phase epoch")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    add_budget_argument(parser)
     args = parser.parse_args(argv)
     base = SMALL if args.small else IMAGENET1K
     for name, default in base.items():
@@ -99,7 +101,12 @@ def make_engine(args, precision: str, device: torch.device):
     return Engine(heads, optimizer, DistConfig(precision=precision))
 
 
-def plain_epoch(args, setup: Setup, engine, backend: str) -> dict:
+def _cut(start: float, seconds: float | None, done: int, steps: int) -> bool:
+    """True when a budgeted epoch should stop after ``done`` steps (the rest is extrapolated)."""
+    return seconds is not None and done < steps and time.perf_counter() - start > seconds
+
+
+def plain_epoch(args, setup: Setup, engine, backend: str, seconds: float | None = None) -> dict:
     from scan_dist.data.batch_rng import global_batch
     from scan_dist.stages import scan
     from scan_dist.trainer import epoch_order, steps_per_epoch
@@ -114,11 +121,19 @@ def plain_epoch(args, setup: Setup, engine, backend: str) -> dict:
     synchronize(setup.device)
     start = time.perf_counter()
     last = {}
+    done = 0
     for i in range(steps):
         with global_batch(args.batch, 0):
             last = step(order[i * args.batch:(i + 1) * args.batch])  # its float() values sync, as in training
+        done += 1
+        if _cut(start, seconds, done, steps):
+            break
     synchronize(setup.device)
-    return {"epoch_s": time.perf_counter() - start, "steps": steps, "final_loss": last.get("loss")}
+    # With --budget-s an epoch may stop early: its time is then the measured steps' rate times all steps.
+    return {"epoch_s": (time.perf_counter() - start) * steps / done, "steps": steps, "steps_timed": done,
+            "epoch_s_extrapolated": done < steps,
+            # the step returns 0-d tensors (it does not read them; the JSON needs a number)
+            "final_loss": None if last.get("loss") is None else float(last["loss"])}
 
 
 class _Clock:
@@ -139,7 +154,7 @@ class _Clock:
         return a.elapsed_time(b) if self.cuda else (b - a) * 1e3
 
 
-def instrumented_epoch(args, setup: Setup, engine, backend: str) -> dict:
+def instrumented_epoch(args, setup: Setup, engine, backend: str, seconds: float | None = None) -> dict:
     """The same step as `_scan_step`, its backward split at the logits so loss and heads are timed apart."""
     from scan_dist.data.batch_rng import global_batch
     from scan_dist.losses import scan_objective
@@ -179,21 +194,25 @@ def instrumented_epoch(args, setup: Setup, engine, backend: str) -> dict:
     for i in range(steps):
         with global_batch(args.batch, 0):
             per_step.append(one(order[i * args.batch:(i + 1) * args.batch]))
+        if _cut(start, seconds, len(per_step), steps):
+            break
     synchronize(setup.device)
-    wall = time.perf_counter() - start
+    done = len(per_step)
+    wall = (time.perf_counter() - start) * steps / done
     sums = dict.fromkeys(PHASES, 0.0)
     for marks in per_step:
         for name, a, b in zip(PHASES, marks[:-1], marks[1:]):
             sums[name] += clock.elapsed_ms(a, b)
     timed = sum(sums.values())
-    out = {"instrumented_epoch_s": wall, **{f"{p}_ms": v / steps for p, v in sums.items()}}
+    out = {"instrumented_epoch_s": wall, "instrumented_steps_timed": done,
+           **{f"{p}_ms": v / done for p, v in sums.items()}}
     out["loss_share"] = (sums["loss_fwd"] + sums["loss_bwd"]) / timed
     out["heads_share"] = (sums["heads_fwd"] + sums["heads_bwd"]) / timed
     out["gather_share"] = sums["gather"] / timed
     return out
 
 
-def isolated_loss_ms(args, setup: Setup, engine, backend: str) -> float:
+def isolated_loss_ms(args, setup: Setup, engine, backend: str, seconds: float | None = None) -> float:
     """Median ms of `scan_loss` forward + backward alone, on logits the trained heads give one batch (so their scale,
     which matters to CPU timings through denormals, is the epoch's)."""
     from scan_dist.kernels import scan_loss
@@ -211,7 +230,7 @@ def isolated_loss_ms(args, setup: Setup, engine, backend: str) -> float:
         total, _, _ = scan_loss(a, n, args.entropy_weight, backend=backend)
         total.sum().backward()
 
-    return time_ms(step, setup.device, warmup=3, repeats=10)["median_ms"]
+    return time_ms(step, setup.device, warmup=3, repeats=10, seconds=seconds)["median_ms"]
 
 
 def main(argv=None) -> int:
@@ -231,8 +250,17 @@ def main(argv=None) -> int:
     print(f"features [{args.views + 1}, {args.num}, {args.dim}] fp16 ({table_gb:.2f} GB) on {device}; "
           f"K={args.k}, H={args.heads}, C={args.classes}, B={args.batch}")
     rows = []
+    budget = Budget(args.budget_s)
+    rows_left = len(precisions) * len(backends)
     for precision in precisions:
         for backend in backends:
+            share = budget.share(rows_left)
+            rows_left -= 1
+            if share is not None and share < 1.0:
+                notes.append(f"{precision} {backend}: skipped, --budget-s spent")
+                continue
+            # A row's share: the plain and the instrumented epochs 45 % each, the isolated loss 10 %.
+            part = {k: None if share is None else share * f for k, f in (("epoch", 0.45), ("loss", 0.1))}
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
             row = {"backend": backend, "precision": precision,
@@ -240,11 +268,12 @@ def main(argv=None) -> int:
                    "N": args.num, "D": args.dim, "V": args.views,
                    "H": args.heads, "C": args.classes, "B": args.batch, "device": device.type}
             engine = make_engine(args, precision, device)
-            row.update(plain_epoch(args, setup, engine, backend))
+            row.update(plain_epoch(args, setup, engine, backend, part["epoch"]))
             row["img_s"] = row["steps"] * args.batch / row["epoch_s"]  # anchors per second
             if not args.no_instrumented:
-                row.update(instrumented_epoch(args, setup, make_engine(args, precision, device), backend))
-            row["loss_ms_isolated"] = isolated_loss_ms(args, setup, engine, backend)
+                row.update(instrumented_epoch(args, setup, make_engine(args, precision, device), backend,
+                                              part["epoch"]))
+            row["loss_ms_isolated"] = isolated_loss_ms(args, setup, engine, backend, part["loss"])
             row["loss_share_isolated"] = row["loss_ms_isolated"] * row["steps"] / 1e3 / row["epoch_s"]
             if cuda:
                 row["peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -261,7 +290,7 @@ def main(argv=None) -> int:
         "results": rows,
         "config": {**{k: getattr(args, k) for k in IMAGENET1K}, "lr": args.lr, "momentum": args.momentum,
                    "entropy_weight": args.entropy_weight, "warmup_steps": args.warmup_steps, "small": args.small,
-                   "table_gb": table_gb, "optimizer": "sgd", "head_hidden": 0},
+                   "table_gb": table_gb, "optimizer": "sgd", "head_hidden": 0, "budget_s": args.budget_s},
         "notes": notes,
     }
     path = write_results("scan_epoch", payload, args.out)

@@ -31,7 +31,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable (benchmarks.common, kernels)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, time_ms, write_results
+from benchmarks.common import Budget, add_budget_argument, environment, print_table, time_ms, write_results
 
 DEFAULT_SHAPES = [(10, 4096, 1000), (1, 65536, 1000)]
 SMALL_SHAPES = [(2, 256, 100), (1, 64, 2500)]  # the second takes the chunked (C > MAX_FUSED_C) kernels
@@ -60,6 +60,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="memory bandwidth for the bytes floor column (default: H100 SXM, 3350 GB/s)")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    add_budget_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -111,6 +112,9 @@ def main(argv=None) -> int:
         return scan_loss(x, y, ENTROPY_WEIGHT, backend="torch")
 
     rows = []
+    budget = Budget(args.budget_s)
+    per_shape = 1 + (not args.no_compile) + triton_ok
+    items_left = len(shapes) * per_shape
     for shape in shapes:
         heads, batch, classes = shape
         impls = {"torch": reference}
@@ -128,8 +132,16 @@ def main(argv=None) -> int:
             row = {"shape": f"{heads}x{batch}x{classes}", "H": heads, "B": batch, "C": classes,
                    "dtype": args.dtype, "impl": name, "device": device.type,
                    "interpreter": name == "triton" and interpreter, "floor_ms": floor_ms}
+            seconds = budget.share(items_left)
+            items_left -= 1
+            if seconds is not None and seconds < 0.5:
+                row["note"] = "skipped: --budget-s spent"
+                notes.append(f"{row['shape']} {name}: skipped, --budget-s spent")
+                shape_rows.append(row)
+                continue
             try:
-                stats = time_ms(_step_fn(fn, a, n), device, warmup=args.warmup, repeats=args.repeats)
+                stats = time_ms(_step_fn(fn, a, n), device, warmup=args.warmup, repeats=args.repeats,
+                                seconds=seconds)
             except Exception as exc:  # a failed baseline (e.g. no C++ compiler) is reported, not fatal
                 if name != "compile":
                     raise
@@ -162,6 +174,7 @@ def main(argv=None) -> int:
         "results": rows,
         "config": {"dtype": args.dtype, "repeats": args.repeats, "warmup": args.warmup,
                    "bandwidth_gbs": args.bandwidth_gbs, "small": args.small, "entropy_weight": ENTROPY_WEIGHT,
+                   "budget_s": args.budget_s,
                    "floor_bytes": "6*H*B*C*element_size (fwd reads a,n; bwd reads a,n and writes da,dn)"},
         "notes": notes,
     }

@@ -75,6 +75,7 @@ import itertools
 import logging
 import resource
 import sys
+import time
 import traceback
 import types
 from pathlib import Path
@@ -84,7 +85,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make the repo root importable (benchmarks.common, scan_dist)
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import environment, print_table, time_ms, write_results
+from benchmarks.common import Budget, add_budget_argument, environment, print_table, time_ms, write_results
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2023, 0.1994, 0.2010)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -158,6 +159,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5; 1 with --small)")
     parser.add_argument("--timeout-s", type=float, default=600.0, help="collective timeout (dist.timeout_s)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default benchmarks/results)")
+    add_budget_argument(parser)
     args = parser.parse_args(argv)
     if args.repeats is None:
         args.repeats = 3 if args.small else 20
@@ -343,7 +345,9 @@ class _Row:
             torch.cuda.empty_cache()
 
 
-def _run_row(args, spec_row: dict, env, device: torch.device) -> dict:
+def _run_row(args, spec_row: dict, env, device: torch.device, seconds: float | None = None) -> dict:
+    """One row; ``seconds`` (one process only: ranks must run the same number of steps) caps the row's time."""
+    begin = time.perf_counter()
     row = dict(spec_row)
     row["device"] = device.type
     bench = None
@@ -354,7 +358,8 @@ def _run_row(args, spec_row: dict, env, device: torch.device) -> dict:
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         bench.engine.barrier()
-        stats = time_ms(bench, device, warmup=args.warmup, repeats=args.repeats)
+        left = None if seconds is None else max(0.0, seconds - (time.perf_counter() - begin))
+        stats = time_ms(bench, device, warmup=args.warmup, repeats=args.repeats, seconds=left)
         from scan_dist.dist import comm
 
         last = comm.mean_over_ranks(bench.last)
@@ -410,11 +415,20 @@ def main(argv=None) -> int:
     if device.type == "cpu":
         notes.append("CPU run: timings say nothing about GPU speed; peak_mem_mb is the process max RSS so far")
     rows = []
-    for spec_row in plan:
+    budget = Budget(args.budget_s)
+    for index, spec_row in enumerate(plan):
         if spec_row["backend"] == "none" and env.world_size > 1:
             notes.append(f"skipped backend none for {spec_row['model']}/{spec_row['step']}: {env.world_size} ranks")
             continue
-        row = _run_row(args, spec_row, env, device)
+        share = None
+        if budget.limited:
+            # Every rank must take the same decision: the least time left over the ranks.
+            share = min(_gather(budget.share(len(plan) - index), env.world_size))
+            if share < 1.0:
+                notes.append(f"skipped {spec_row['model']}/{spec_row['step']}/{spec_row['backend']}: "
+                             "--budget-s spent")
+                continue
+        row = _run_row(args, spec_row, env, device, share if env.world_size == 1 else None)
         rows.append(row)
         if "stride(-1) must be 1" in row.get("note", "") and DS_CHANNELS_LAST_NOTE not in notes:
             notes.append(DS_CHANNELS_LAST_NOTE)
@@ -435,7 +449,7 @@ def main(argv=None) -> int:
             print("note:", note)
         payload = {
             "environment": environment(device),
-            "config": {"small": args.small, "repeats": args.repeats, "warmup": args.warmup,
+            "config": {"small": args.small, "repeats": args.repeats, "warmup": args.warmup, "budget_s": args.budget_s,
                        "world_size": env.world_size, "launcher": env.source, "dist_backend": env.backend,
                        "models": args.models, "steps": args.steps, "batch_override": args.batch,
                        "threshold": args.threshold, "lr": BENCH_LR, "momentum": MOMENTUM,

@@ -25,19 +25,65 @@ def synchronize(device: torch.device | str) -> None:
         torch.cuda.synchronize()
 
 
-def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 5, repeats: int = 20) -> dict:
-    """Median / min / max wall milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
+def time_ms(fn: Callable[[], object], device: torch.device | str, warmup: int = 5, repeats: int = 20,
+            seconds: float | None = None) -> dict:
+    """Median / min / max wall milliseconds of ``fn()`` over ``repeats`` runs after ``warmup`` runs.
+
+    ``seconds``: the time this measurement may take, warm-up included.  Warm-up stops early once it has used a third
+    of it, and repeats stop once another one would not fit; at least one warm-up call and one timed call always run
+    (so a single call longer than ``seconds`` overruns: callers size their work first).  ``budget_cut`` says whether
+    fewer calls than asked were made.
+    """
+    begin = time.perf_counter()
+    done_warmup = 0
+    for _ in range(max(1, warmup) if seconds is not None else warmup):
         fn()
+        done_warmup += 1
+        if seconds is not None:
+            synchronize(device)
+            if time.perf_counter() - begin > seconds / 3:
+                break
     synchronize(device)
-    samples = []
-    for _ in range(repeats):
+    samples: list[float] = []
+    for _ in range(max(1, repeats)):
+        spent = time.perf_counter() - begin
+        if seconds is not None and samples and spent + statistics.median(samples) / 1e3 > seconds:
+            break
         start = time.perf_counter()
         fn()
         synchronize(device)
         samples.append((time.perf_counter() - start) * 1e3)
     return {"median_ms": statistics.median(samples), "min_ms": min(samples), "max_ms": max(samples),
-            "repeats": repeats, "warmup": warmup}
+            "repeats": len(samples), "warmup": done_warmup,
+            "budget_cut": len(samples) < repeats or done_warmup < warmup}
+
+
+class Budget:
+    """The seconds a benchmark script may take (``--budget-s``; None or 0: unlimited), shared out over the work
+    items still to run: ``share(n)`` = what is left divided by the ``n`` items left, so time an early item does
+    not use goes to the later ones."""
+
+    def __init__(self, seconds: float | None):
+        self.seconds = seconds if seconds and seconds > 0 else None
+        self.start = time.perf_counter()
+
+    @property
+    def limited(self) -> bool:
+        return self.seconds is not None
+
+    def left(self) -> float:
+        return float("inf") if self.seconds is None else self.seconds - (time.perf_counter() - self.start)
+
+    def share(self, items_left: int) -> float | None:
+        if self.seconds is None:
+            return None
+        return max(0.0, self.left()) / max(1, items_left)
+
+
+def add_budget_argument(parser) -> None:
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds this script may take; work is sized (repeats, query subsets, skipped cases) "
+                             "to fit, and what was cut is noted in the JSON (default: unlimited)")
 
 
 def environment(device: torch.device | str) -> dict:

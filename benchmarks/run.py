@@ -6,6 +6,14 @@ Usage (from the repository root)::
     python -m benchmarks.run --small               # CPU-sized smoke runs
     python -m benchmarks.run --small --only scan_loss knn
     python -m benchmarks.run --script-args scan_loss "--repeats 3 --no-compile"
+    python -m benchmarks.run --budget-s 1800        # all of them within 30 minutes (default: 600 s)
+    python -m benchmarks.run --budget-s 0           # no budget: every script at its full default size
+
+Budget: ``--budget-s`` (default 600, i.e. the whole run fits 10 minutes) is shared out over the benchmarks by
+weight (``WEIGHTS``; what a finished one did not use goes to the ones after it).  Each script that declares
+``--budget-s`` gets its share minus a start-up allowance and sizes itself to fit (fewer repeats, a query subset
+with the full-size time extrapolated, skipped cases -- all noted in its JSON); every script is killed at its share,
+so the run ends within the budget whatever a script does.
 
 Each ``bench_<name>.py`` runs as its own subprocess (``python bench_<name>.py [--small] --out TMP``), so a crash,
 an out-of-memory kill or a missing optional library in one benchmark is reported and the others still run.  A
@@ -61,6 +69,14 @@ _CASE_FIELDS = ("shape", "pipeline", "model", "step", "dtype", "data")
 # Throughput fields (higher is better), preferred over median_ms when present.
 _THROUGHPUT_FIELDS = (("views_per_s", "views/s"), ("img_s", "images/s"))
 _TAIL_LINES = 40
+# Relative shares of --budget-s (names not listed weigh 1): k-NN at ImageNet size and the training steps are the
+# long ones.
+WEIGHTS = {"knn": 3.0, "train_step": 3.0, "scan_epoch": 2.0, "pipeline": 2.0, "scan_loss": 1.0}
+DEFAULT_BUDGET_S = 600.0
+# Kept back from the budget for the runner itself (combined JSON, plots), and per script for interpreter and torch
+# start-up, which a script cannot count in its own budget.
+_RUNNER_RESERVE_S = 15.0
+_STARTUP_S = 5.0
 
 
 def discover(scripts_dir: Path) -> dict[str, Path]:
@@ -71,7 +87,10 @@ def discover(scripts_dir: Path) -> dict[str, Path]:
 def script_flags(script: Path) -> set[str]:
     """The long options a script declares (read from its source, which is faster than importing torch for --help)."""
     text = script.read_text(encoding="utf-8", errors="replace")
-    return set(re.findall(r"""add_argument\(\s*["'](--[A-Za-z0-9][\w-]*)["']""", text))
+    flags = set(re.findall(r"""add_argument\(\s*["'](--[A-Za-z0-9][\w-]*)["']""", text))
+    if "add_budget_argument(" in text:  # benchmarks.common's shared --budget-s option
+        flags.add("--budget-s")
+    return flags
 
 
 def _device_type() -> str:
@@ -144,9 +163,16 @@ def _merge_payloads(paths: Sequence[Path]) -> dict:
     return merged
 
 
+def share_s(left_s: float, weights: Mapping[str, float], names: Sequence[str]) -> float:
+    """Seconds for ``names[0]`` out of ``left_s`` shared by weight among ``names`` (the benchmarks still to run)."""
+    total = sum(weights.get(n, 1.0) for n in names)
+    return max(0.0, left_s) * weights.get(names[0], 1.0) / total
+
+
 def run_one(name: str, script: Path, small: bool, timeout_s: float | None,
-            extra_args: Sequence[str] = ()) -> tuple[dict, float]:
-    """Run one benchmark; returns (its payload or ``{"error": ...}``, seconds)."""
+            extra_args: Sequence[str] = (), budget_s: float | None = None) -> tuple[dict, float]:
+    """Run one benchmark; returns (its payload or ``{"error": ...}``, seconds).  ``budget_s``: passed on as
+    ``--budget-s`` (less a start-up allowance) when the script declares it; the caller also kills at it."""
     flags = script_flags(script)
     tmp = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     cmd = [sys.executable, str(script)]
@@ -156,6 +182,12 @@ def run_one(name: str, script: Path, small: bool, timeout_s: float | None,
             cmd.append("--small")
         else:
             notes.append("script has no --small flag; ran at full size")
+    if budget_s is not None:
+        if "--budget-s" in flags:
+            cmd += ["--budget-s", f"{max(1.0, budget_s * 0.9 - _STARTUP_S):.0f}"]
+        else:
+            notes.append(f"script has no --budget-s flag: not sized to its {budget_s:.0f} s share, only killed "
+                         "at it")
     uses_out = "--out" in flags
     if uses_out:
         cmd += ["--out", str(tmp)]
@@ -298,6 +330,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--script-args", nargs=2, action="append", default=[], metavar=("NAME", "ARGS"),
                         help='extra arguments for one script, e.g. --script-args scan_loss "--repeats 3"')
     parser.add_argument("--timeout-s", type=float, default=None, help="kill a benchmark after this many seconds")
+    parser.add_argument("--budget-s", type=float, default=DEFAULT_BUDGET_S,
+                        help=f"seconds for the whole run, shared out by weight (default {DEFAULT_BUDGET_S:g}; "
+                             "0: no budget, full-size scripts)")
     parser.add_argument("--no-plots", action="store_true", help="write only the combined JSON")
     return parser.parse_args(argv)
 
@@ -327,8 +362,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     by_type: dict[str, dict[str, Any]] = {}
     summary = []
-    for name in names:
-        payload, seconds = run_one(name, scripts[name], args.small, args.timeout_s, extra.get(name, ()))
+    budgeted = args.budget_s is not None and args.budget_s > 0
+    run_start = time.perf_counter()
+    for position, name in enumerate(names):
+        timeout_s, share = args.timeout_s, None
+        if budgeted:
+            left = args.budget_s - _RUNNER_RESERVE_S - (time.perf_counter() - run_start)
+            share = share_s(left, WEIGHTS, names[position:])
+            timeout_s = share if timeout_s is None else min(timeout_s, share)
+            if share < 1.0:
+                payload = {"error": "skipped: --budget-s spent"}
+                by_type.setdefault(local_type, {})[name] = payload
+                summary.append((name, "FAILED (skipped: --budget-s spent)", 0.0))
+                print(f"== {name}: skipped, --budget-s spent", flush=True)
+                continue
+            print(f"== {name}: share {share:.0f} s of --budget-s {args.budget_s:g}", flush=True)
+        payload, seconds = run_one(name, scripts[name], args.small, timeout_s, extra.get(name, ()), share)
         env = payload.get("environment") if isinstance(payload.get("environment"), Mapping) else {}
         device_type = str(env.get("device_type") or local_type)
         by_type.setdefault(device_type, {})[name] = payload

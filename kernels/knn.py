@@ -32,7 +32,9 @@ otherwise; ``"triton"``; ``"torch"``):
   candidates at low precision, re-ranks them in fp32 and proves per row that
   no true neighbour was missed (rows it cannot prove are redone in fp32), so
   every precision returns the exact answer.  On CPU it runs only under
-  ``TRITON_INTERPRET=1`` (tests).
+  ``TRITON_INTERPRET=1`` (tests).  On CUDA each new specialisation (D, k,
+  precision) is first checked on a small exact case; a failure switches the
+  process to the torch path with one warning (:mod:`._selfcheck`).
 * ``"torch"``: :func:`_knn_torch` below, the exact reference tiling; it always
   computes in fp32 and ignores ``precision``.
 
@@ -47,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, _selfcheck
 
 __all__ = ["knn", "knn_reference", "knn_faiss", "knn_sharded", "select_backend"]
 
@@ -204,13 +206,32 @@ def knn(queries: Tensor, keys: Tensor, k: int, metric: str = "cosine", chunk_siz
     if precision not in _PRECISIONS:
         raise ValueError(f"precision must be one of {_PRECISIONS}, got {precision!r}")
     if _dispatch.resolve(backend, queries, "knn") == "triton":
-        from .knn_triton import knn_triton  # noqa: PLC0415 - lazy: the package imports without Triton
-
-        return knn_triton(queries, keys, k, metric=metric, chunk_size=chunk_size,
-                          query_chunk_size=query_chunk_size, precision=precision)
+        found = _knn_triton_guarded(queries, keys, k, metric, chunk_size, query_chunk_size, precision)
+        if found is not None:
+            return found
     key_chunk = chunk_size or min(keys.shape[0], _DEFAULT_KEY_CHUNK)
     query_chunk = query_chunk_size or max(1, _TILE_ELEMS // key_chunk)
     return _knn_torch(queries, keys, k, metric, key_chunk, query_chunk)
+
+
+def _knn_triton_guarded(queries: Tensor, keys: Tensor, k: int, metric: str, chunk_size: int | None,
+                        query_chunk_size: int | None, precision: str) -> tuple[Tensor, Tensor] | None:
+    """The Triton search behind the first-use self-check and the fallback guard (``_selfcheck``); None means the
+    kernel failed on this device in this process: the caller takes the torch path."""
+    from . import knn_triton as kt  # noqa: PLC0415 - lazy: the package imports without Triton
+
+    device = queries.device
+    if not _selfcheck.ensure("knn", device, kt.check_key(keys.shape[1], k, precision),
+                             lambda: kt.self_check(keys.shape[1], k, precision, device)):
+        return None
+    try:
+        return kt.knn_triton(queries, keys, k, metric=metric, chunk_size=chunk_size,
+                             query_chunk_size=query_chunk_size, precision=precision)
+    except Exception as exc:  # noqa: BLE001 - any kernel failure falls back while the guard is on
+        if not _selfcheck.applies(device) or _selfcheck.is_oom(exc):
+            raise
+        _selfcheck.fail("knn", device, exc)
+        return None
 
 
 def knn_reference(queries: Tensor, keys: Tensor, k: int, metric: str = "cosine") -> tuple[Tensor, Tensor]:

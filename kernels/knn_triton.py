@@ -51,7 +51,8 @@ integer data) are resolved to the smaller index exactly as the reference does.
 Fast path (``precision="fp16"``, ``"bf16"`` or ``"tf32"``):
 
 1. the same kernel on fp16/bf16 copies (or fp32 with ``input_precision="tf32"``) keeps ``K' > k`` candidates per
-   row (default :func:`default_candidates`: ``next_pow2(1.5 k)``, ``next_pow2(3 k)`` for bf16; at least 16);
+   row (default :func:`default_candidates`: ``next_pow2(1.5 k)``, ``next_pow2(3 k)`` for bf16; at least 16, and
+   at least 64 from D = 1024 on);
 2. the candidates' fp32 scores are recomputed on the host side (torch gather + elementwise dot, never TF32) and
    sorted by (-score, index);
 3. each row is proven complete or not (below); unproven rows get a second pass with ``4 K'`` candidates, and what
@@ -117,8 +118,12 @@ Per program (on chip; sizes checked by compiling for sm_90a with Triton 3.8 and 
 memory allocated), the ``64 x 64`` score tile and the ``64 x K_PAD`` buffer (fp32 score + int32 index:
 16 KB at K_PAD = 32) in registers.  fp16/bf16 fast path with K_PAD <= 32 (k = 21 in fp16): ``128 x 128`` score tile,
 ``BLOCK_D = 64``: operand tiles 16 + 16 KB per stage (96 KB shared memory, wgmma), score tile 64 KB and buffer
-32 KB of registers over 8 warps (~234 registers / thread, no spills); with K_PAD = 64 ``BLOCK_Q = 64`` (72 KB
-shared).  Nothing on chip scales with N or D.
+32 KB of registers over 8 warps (217 registers / thread with D = 128 compiled as a constant, 241 with a runtime D;
+no spills); with K_PAD = 64 ``BLOCK_Q = 64`` (72 KB shared, 167 registers at D = 2048).  D is zero-padded to a
+multiple of 16 in the prepared copies (D = 100 -> 112: 189 registers, no spills; unpadded it used all 255 and
+spilled 224 bytes), and up to ``MAX_CONST_DIM`` it is a compile-time constant whose slices ``BLOCK_D`` divide it
+(no D masks, constant strides, the D loop still pipelined).  ``python -m benchmarks.kernel_resources`` prints these
+numbers.  Nothing on chip scales with N or D.
 
 Chunking: the prepared copies (fp32 or 16-bit, normalised for cosine) are made per key chunk of at most 8 GiB on
 CUDA (256 MiB on CPU), and per query chunk likewise; a bank that is one chunk is prepared once.  Launches after
@@ -134,7 +139,7 @@ the first start from the running threshold, so chunking costs little extra.  The
 
 Expected speed (H100; NOT measured -- no GPU in this session): the fp16 pass is a tensor-core GEMM
 (2 Q N D = 4.2e14 flop at N = 1.28M, D = 128; ~0.45 s at 900 TFLOP/s) plus an epilogue of ~1 op per score when no
-row improves and ~6 ops per score per insertion round; the kernel holds ~234 registers / thread, so one program
+row improves and ~6 ops per score per insertion round; the kernel holds 217 registers / thread, so one program
 per SM and no overlap between programs' epilogues and MMAs: expect ~0.7-1.5 s at D = 128 (target <= 1.0 s) and
 ~9-13 s at D = 2048 (target <= 12 s, GEMM-bound), plus the re-rank, which is memory-bound (gather + normalise
 + dot of Q K' D fp32 values: 21 GB at D = 128, ~0.03 s; 335 GB at D = 2048, ~0.3-0.5 s).  The exact fp32
@@ -158,6 +163,16 @@ PRECISIONS = ("fp32", "fp16", "bf16", "tf32")
 MAX_K_PAD = 1024
 _INT64_MAX = torch.iinfo(torch.int64).max
 _RERANK_BYTES = 1 << 28  # gathered fp32 rows per re-rank slice
+# Prepared copies have D padded to a multiple of this (16 elements: 32-byte fp16 / 64-byte fp32 rows).
+D_ALIGN = 16
+# Largest (padded) D compiled as a constant (unrolled D loop, no masks); larger D loops over a runtime bound.
+MAX_CONST_DIM = 256
+# Precisions whose kernel loads the query tile once per program (power-of-two D <= 128: one slice).  Off until
+# timed on a GPU: compiled for sm_90a (Triton 3.8) fp16 D=128 then needs 190 registers instead of 217 and no
+# L2 re-reads of the query tile, but its key loads are no longer software-pipelined (64 KB of shared memory, one
+# stage: the key loop holds the insertion while-loop, which Triton's pipeliner skips), where the default pipelines
+# the D loop over 3 stages (96 KB).  benchmarks/gpu_check.py times both.
+Q_ONCE = {"fp16": False, "bf16": False, "tf32": False, "fp32": False}
 
 
 # --------------------------------------------------------------------------- #
@@ -168,7 +183,11 @@ def _knn_kernel(q_ptr, k_ptr, init_ptr, out_s_ptr, out_i_ptr,
                 n_q, n_k, dim, n_slots,
                 stride_q, stride_k, stride_o,
                 HAS_INIT: tl.constexpr, UPCAST: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr):
+                BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, K_PAD: tl.constexpr,
+                DIM: tl.constexpr, Q_ONCE: tl.constexpr):
+    """``DIM`` > 0: the (padded, row-contiguous) dimension as a compile-time constant, a multiple of ``BLOCK_D``:
+    the D loop is unrolled without masks and the row strides are constants.  ``Q_ONCE`` (needs ``BLOCK_D == DIM``):
+    the query tile is loaded once per program instead of once per key tile.  ``DIM == 0``: runtime ``dim``."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
     row_ok = rows < n_q
@@ -189,25 +208,46 @@ def _knn_kernel(q_ptr, k_ptr, init_ptr, out_s_ptr, out_i_ptr,
     # theta: the worst score held; +inf for rows past the end so they never take the insertion loop.
     theta = tl.where(row_ok, start, float("inf"))
 
+    if Q_ONCE:
+        q_all = tl.load(q_ptr + rows64[:, None] * DIM + d_offs[None, :], mask=row_ok[:, None], other=0.0)
+        if UPCAST:
+            q_all = q_all.to(tl.float32)
     for n0 in range(0, n_k, BLOCK_N):
         cols = n0 + n_offs
         col_ok = cols < n_k
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BLOCK_Q, BLOCK_N], tl.float32)
-        for d0 in range(0, dim, BLOCK_D):
-            d = d0 + d_offs
-            d_ok = d < dim
-            q = tl.load(q_ptr + rows64[:, None] * stride_q + d[None, :],
-                        mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            # [BLOCK_D, BLOCK_N]: the key tile loaded transposed, so the dot is q @ keys^T.
-            x = tl.load(k_ptr + cols64[None, :] * stride_k + d[:, None],
-                        mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if Q_ONCE:
+            x = tl.load(k_ptr + cols64[None, :] * DIM + d_offs[:, None], mask=col_ok[None, :], other=0.0)
             if UPCAST:
-                # Triton's interpreter multiplies the raw bits of bf16 dot operands; bf16 -> fp32 is exact and a
-                # bf16 x bf16 product is exact in fp32, so this computes the same numbers as a bf16 tensor-core dot.
-                q = q.to(tl.float32)
                 x = x.to(tl.float32)
-            acc = tl.dot(q, x, acc, input_precision=INPUT_PRECISION)
+            acc = tl.dot(q_all, x, acc, input_precision=INPUT_PRECISION)
+        elif DIM > 0:
+            # Constant trip count and strides, no D mask (BLOCK_D divides DIM); still a loop, so it is pipelined.
+            for d0 in range(0, DIM, BLOCK_D):
+                q = tl.load(q_ptr + rows64[:, None] * DIM + (d0 + d_offs)[None, :], mask=row_ok[:, None], other=0.0)
+                x = tl.load(k_ptr + cols64[None, :] * DIM + (d0 + d_offs)[:, None], mask=col_ok[None, :],
+                            other=0.0)
+                if UPCAST:
+                    q = q.to(tl.float32)
+                    x = x.to(tl.float32)
+                acc = tl.dot(q, x, acc, input_precision=INPUT_PRECISION)
+        else:
+            for d0 in range(0, dim, BLOCK_D):
+                d = d0 + d_offs
+                d_ok = d < dim
+                q = tl.load(q_ptr + rows64[:, None] * stride_q + d[None, :],
+                            mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+                # [BLOCK_D, BLOCK_N]: the key tile loaded transposed, so the dot is q @ keys^T.
+                x = tl.load(k_ptr + cols64[None, :] * stride_k + d[:, None],
+                            mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+                if UPCAST:
+                    # Triton's interpreter multiplies the raw bits of bf16 dot operands; bf16 -> fp32 is exact and a
+                    # bf16 x bf16 product is exact in fp32, so this computes the same numbers as a bf16 tensor-core
+                    # dot.
+                    q = q.to(tl.float32)
+                    x = x.to(tl.float32)
+                acc = tl.dot(q, x, acc, input_precision=INPUT_PRECISION)
         # Keys past the end score -inf; "+ 0.0" also turns a -0.0 score into +0.0.
         s = acc + tl.where(col_ok, 0.0, float("-inf"))[None, :]
 
@@ -252,7 +292,7 @@ def _config(on_cuda: bool, precision: str, dim: int, k_pad: int) -> dict:
         return dict(BLOCK_Q=64, BLOCK_N=128, BLOCK_D=min(128, small_d), num_warps=4, num_stages=1)
     block_q = 64 if k_pad <= 64 else max(16, 4096 // k_pad)
     if precision in ("bf16", "fp16"):
-        # 128 x 128 wgmma tiles, 96 KB of shared memory, ~234 registers / thread at K_PAD <= 32.
+        # 128 x 128 wgmma tiles, 96 KB of shared memory, 217 registers / thread at K_PAD <= 32 and D = 128.
         return dict(BLOCK_Q=128 if k_pad <= 32 else block_q, BLOCK_N=128, BLOCK_D=min(64, small_d),
                     num_warps=8, num_stages=3)
     if precision == "tf32":
@@ -263,34 +303,50 @@ def _config(on_cuda: bool, precision: str, dim: int, k_pad: int) -> dict:
     return dict(BLOCK_Q=block_q, BLOCK_N=64, BLOCK_D=16, num_warps=8, num_stages=3)
 
 
-def _launch(q: Tensor, x: Tensor, slots: int, precision: str, init: Tensor | None) -> tuple[Tensor, Tensor]:
+def _launch(q: Tensor, x: Tensor, slots: int, precision: str, init: Tensor | None,
+            on_cuda: bool | None = None) -> tuple[Tensor, Tensor]:
     """Unsorted top-``slots`` of ``q @ x.T`` per row: (scores fp32, local index int32; negative = empty slot).
 
-    ``q`` and ``x`` must be row-contiguous (unit stride along D: vectorised, pipelined loads)."""
+    ``q`` and ``x`` must be row-contiguous (unit stride along D: vectorised, pipelined loads).  ``on_cuda``
+    overrides which tile configuration is used (``benchmarks/kernel_resources.py`` compiles the CUDA one from
+    meta tensors on a machine without a GPU)."""
     assert q.stride(1) == 1 and x.stride(1) == 1
     n_q, dim = q.shape
     n_k = x.shape[0]
     k_pad = max(16, _next_pow2(slots))
-    cfg = _config(q.is_cuda, precision, dim, k_pad)
+    cfg = _config(q.is_cuda if on_cuda is None else on_cuda, precision, dim, k_pad)
     out_s = torch.empty((n_q, slots), dtype=torch.float32, device=q.device)
     out_i = torch.empty((n_q, slots), dtype=torch.int32, device=q.device)
     if n_q == 0:
         return out_s, out_i
     num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+    # Constant D (<= MAX_CONST_DIM, row-contiguous): unrolled D loop without masks; the slice must divide D.
+    const_dim = dim if (dim <= MAX_CONST_DIM and q.stride(0) == dim and x.stride(0) == dim) else 0
+    if const_dim:
+        cfg["BLOCK_D"] = min(cfg["BLOCK_D"], dim & -dim)
+    q_once = bool(const_dim) and Q_ONCE.get(precision, False) and dim <= 128 and dim & (dim - 1) == 0
+    if q_once:
+        cfg["BLOCK_D"] = dim  # one slice: the whole query tile, loaded before the key loop
     grid = (triton.cdiv(n_q, cfg["BLOCK_Q"]),)
     _knn_kernel[grid](
         q, x, init if init is not None else out_s, out_s, out_i,
         n_q, n_k, dim, slots,
         q.stride(0), x.stride(0), out_s.stride(0),
-        HAS_INIT=init is not None, UPCAST=(not q.is_cuda) and q.dtype == torch.bfloat16,
+        HAS_INIT=init is not None, UPCAST=q.device.type == "cpu" and q.dtype == torch.bfloat16,
         INPUT_PRECISION="tf32" if precision == "tf32" else "ieee",
-        K_PAD=k_pad, num_warps=num_warps, num_stages=num_stages, **cfg)
+        K_PAD=k_pad, DIM=const_dim, Q_ONCE=q_once, num_warps=num_warps, num_stages=num_stages, **cfg)
     return out_s, out_i
 
 
 def _cast(x: Tensor, precision: str) -> Tensor:
-    """The kernel's input for ``precision`` (round to nearest even); fp32/tf32 stay fp32 (tf32 rounds in the dot)."""
-    return {"bf16": x.bfloat16, "fp16": x.half}.get(precision, lambda: x)().contiguous()
+    """The kernel's input for ``precision`` (round to nearest even; fp32/tf32 stay fp32, tf32 rounds in the dot),
+    row-contiguous, with D zero-padded to a multiple of ``D_ALIGN``: zero columns add exact zeros to every dot
+    product, and aligned rows let the loads vectorise and pipeline (D = 100 spilled 224 bytes unpadded)."""
+    x = {"bf16": x.bfloat16, "fp16": x.half}.get(precision, lambda: x)()
+    pad = -x.shape[1] % D_ALIGN
+    if pad:
+        return torch.nn.functional.pad(x, (0, pad))
+    return x.contiguous()
 
 
 def _scan(queries: Tensor, keys: Tensor, slots: int, metric: str, precision: str, key_chunk: int,
@@ -348,7 +404,7 @@ def _exact(queries: Tensor, keys: Tensor, k: int, metric: str, key_chunk: int, q
     out_s = torch.empty((n_q, k), dtype=torch.float32, device=queries.device)
     out_i = torch.empty((n_q, k), dtype=torch.int64, device=queries.device)
     if prepared_keys is None and key_chunk >= keys.shape[0]:
-        prepared_keys = _prepare(keys, metric).contiguous()
+        prepared_keys = _cast(_prepare(keys, metric), "fp32")
     for q0 in range(0, n_q, query_chunk):
         s, i = _scan(queries[q0:q0 + query_chunk], keys, k, metric, "fp32", key_chunk, prepared_keys)
         out_s[q0:q0 + query_chunk], out_i[q0:q0 + query_chunk] = s, i
@@ -417,11 +473,14 @@ def _rerank(queries: Tensor, keys: Tensor, cand: Tensor, metric: str) -> Tensor:
     return out
 
 
-def default_candidates(k: int, precision: str) -> int:
+def default_candidates(k: int, precision: str, dim: int = 0) -> int:
     """K' for the first candidate pass: enough for nearly every row on embedding-like data (see the module
-    docstring); a row that needs more gets a second pass with 4 K', then the exact kernel."""
+    docstring); a row that needs more gets a second pass with 4 K', then the exact kernel.  From D = 1024 on at
+    least 64: the error bound grows with D, and at D = 2048 K' = 32 proved only 20-30 % of the rows (K' = 64:
+    all of them), so 32 would send most rows through a second pass."""
     factor = 3 if precision == "bf16" else 1.5  # bf16's margin is ~4-8x wider than fp16's / tf32's
-    return max(16, _next_pow2(math.ceil(factor * k)))
+    floor = 64 if dim >= 1024 else 16
+    return max(floor, _next_pow2(math.ceil(factor * k)))
 
 
 def _fast(queries: Tensor, keys: Tensor, k: int, metric: str, precision: str, key_chunk: int, query_chunk: int,
@@ -430,7 +489,7 @@ def _fast(queries: Tensor, keys: Tensor, k: int, metric: str, precision: str, ke
     by the exact fp32 kernel."""
     n_q, n_keys = queries.shape[0], keys.shape[0]
     dim = keys.shape[1]
-    first = min(n_keys, MAX_K_PAD, max(k, candidates or default_candidates(k, precision)))
+    first = min(n_keys, MAX_K_PAD, max(k, candidates or default_candidates(k, precision, dim)))
     passes = [first]
     if first < min(n_keys, MAX_K_PAD):
         passes.append(min(n_keys, MAX_K_PAD, 4 * first))
@@ -518,3 +577,38 @@ def knn_triton_stats(queries, keys, k, metric="cosine", chunk_size=None, query_c
         s, i = _exact(queries, keys, k, metric, *exact_chunks)
         return s, i, {"rows": n_q, "candidates": [], "proved": [], "exact": n_q}
     return _fast(queries, keys, k, metric, precision, key_chunk, query_chunk, candidates, exact_chunks)
+
+
+# --------------------------------------------------------------------------- #
+# First-use self-check (see _selfcheck.py)
+# --------------------------------------------------------------------------- #
+def check_key(dim: int, k: int, precision: str) -> tuple:
+    """What selects the compiled kernels of a call: precision (operand format, tiles), D and the buffer size."""
+    return (precision, int(dim), max(16, _next_pow2(k)))
+
+
+def self_check(dim: int, k: int, precision: str, device: torch.device) -> str | None:
+    """Run a small search of the same specialisation (same D, k and precision, on ``device``) and compare it with
+    an exact float64 brute force.  None when identical, else what differed; exceptions propagate.
+
+    The data are small integers (|x| <= 8), exact in fp16/bf16/tf32 with integer dot products exact in fp32, so
+    the right answer is unique, tie rule included (integer scores tie often: ties go to the smaller index), and
+    must come back bit for bit.  Ties also push rows through the fast path's second pass and the exact fallback,
+    so every kernel variant that precision can use is compiled and run here.
+    """
+    gen = torch.Generator().manual_seed(4321)
+    n_keys = max(300, 4 * k + 37)  # several key tiles with a partial last one
+    n_queries = 70
+    keys = torch.randint(-8, 9, (n_keys, dim), generator=gen).float()
+    queries = torch.randint(-8, 9, (n_queries, dim), generator=gen).float()
+    queries[3] = keys[5]  # a query that is also a key
+    ref = torch.sort(queries.double() @ keys.double().T, dim=1, descending=True, stable=True)
+    ref_s, ref_i = ref.values[:, :k].float(), ref.indices[:, :k]
+    s, i, _ = knn_triton_stats(queries.to(device), keys.to(device), k, "ip", precision=precision)
+    s, i = s.cpu(), i.cpu()
+    if not torch.equal(i, ref_i):
+        rows = int((i != ref_i).any(dim=1).sum())
+        return f"{rows} of {n_queries} rows have other neighbours than the exact brute force"
+    if not torch.equal(s, ref_s):
+        return f"scores differ from the exact integer scores by up to {float((s - ref_s).abs().max()):.3g}"
+    return None

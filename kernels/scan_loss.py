@@ -22,7 +22,10 @@ Backend status: two implementations of the per-rank local terms
 
 * ``"triton"``: fused Triton forward/backward kernels in
   :mod:`.scan_loss_triton` (imported lazily, so the package imports without
-  Triton); the default (``"auto"``) on CUDA.
+  Triton); the default (``"auto"``) on CUDA.  On CUDA each new kernel
+  specialisation is first checked against the reference on a small case, and
+  a failure switches the process to the torch path with one warning
+  (:mod:`._selfcheck`; off with ``configure(self_check=False)``).
 * ``"torch"``: :func:`_local_terms_torch`, the exact reference; the default on
   CPU, and always used for float64 inputs (gradcheck), whatever ``backend`` says.
 
@@ -39,7 +42,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import _dispatch
+from . import _dispatch, _selfcheck
 
 __all__ = ["scan_loss", "scan_loss_reference", "partial_sums"]
 
@@ -101,6 +104,26 @@ def _local_terms_torch(anchor_logits: Tensor, neighbor_logits: Tensor) -> tuple[
     consistency_sum = -log_dot.sum(dim=-1)  # [H]
     prob_sum = log_p.exp().sum(dim=1)  # [H, C]
     return consistency_sum, prob_sum
+
+
+def _local_terms_triton(anchor_logits: Tensor, neighbor_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """The Triton local terms behind the first-use self-check and the fallback guard (``_selfcheck``): the torch
+    reference when the kernels failed on this device in this process."""
+    from . import scan_loss_triton  # lazy: Triton is optional
+
+    device = anchor_logits.device
+    key = scan_loss_triton.check_key(anchor_logits, neighbor_logits)
+    if not _selfcheck.ensure("scan_loss", device, key,
+                             lambda: scan_loss_triton.self_check(anchor_logits, neighbor_logits)):
+        return _local_terms_torch(anchor_logits, neighbor_logits)
+    guarded = _selfcheck.applies(device)
+    try:
+        return scan_loss_triton.local_terms(anchor_logits, neighbor_logits, guarded=guarded)
+    except Exception as exc:  # noqa: BLE001 - any kernel failure falls back while the guard is on
+        if not guarded or _selfcheck.is_oom(exc):
+            raise
+        _selfcheck.fail("scan_loss", device, exc)
+        return _local_terms_torch(anchor_logits, neighbor_logits)
 
 
 def _finish(consistency_sum: Tensor, prob_sum: Tensor, count: Tensor | float, entropy_weight: float,
@@ -228,9 +251,7 @@ def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: fl
         raise ValueError("scan_loss needs a non-empty batch (anchor_logits.shape[1] == 0)")
 
     if _select_backend(backend, anchor_logits, neighbor_logits) == "triton":
-        from . import scan_loss_triton  # lazy: Triton is optional
-
-        consistency_sum, prob_sum = scan_loss_triton.local_terms(anchor_logits, neighbor_logits)
+        consistency_sum, prob_sum = _local_terms_triton(anchor_logits, neighbor_logits)
     else:
         consistency_sum, prob_sum = _local_terms_torch(anchor_logits, neighbor_logits)
 

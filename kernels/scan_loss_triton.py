@@ -44,6 +44,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import _selfcheck
+
 __all__ = ["MAX_FUSED_C", "local_terms"]
 
 # Largest C handled by the single-pass (fused) kernels: a [BLOCK_B, next_pow2(C)] fp32 tile per tensor must fit in
@@ -500,13 +502,15 @@ class _LocalTerms(torch.autograd.Function):
     """(anchor_logits, neighbor_logits) -> (consistency_sum [H], prob_sum [H, C]), Triton forward and backward."""
 
     @staticmethod
-    def forward(ctx, anchor_logits: Tensor, neighbor_logits: Tensor, max_fused_c: int):  # type: ignore[override]
+    def forward(ctx, anchor_logits: Tensor, neighbor_logits: Tensor, max_fused_c: int,  # type: ignore[override]
+                guarded: bool):
         a, n = _prep(anchor_logits), _prep(neighbor_logits)
         consistency_sum, prob_sum, stats = _forward(a, n, max_fused_c)
         # Only the logits (already alive in the caller's graph; a copy only if they were not class-contiguous)
         # and N_STATS fp32 scalars per row are kept for backward.
         ctx.save_for_backward(a, n, stats)
         ctx.max_fused_c = max_fused_c
+        ctx.guarded = guarded
         # Unused outputs arrive as None instead of zero tensors, so their terms are skipped, not multiplied by 0.
         ctx.set_materialize_grads(False)
         return consistency_sum, prob_sum
@@ -514,21 +518,120 @@ class _LocalTerms(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_cs: Tensor | None, g_ps: Tensor | None):  # type: ignore[override]
         a, n, stats = ctx.saved_tensors
-        da, dn = _backward(a, n, stats, g_cs, g_ps, ctx.needs_input_grad[0], ctx.needs_input_grad[1],
-                           ctx.max_fused_c)
-        return da, dn, None
+        need_da, need_dn = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if ctx.guarded:
+            # The backward kernel compiles at the first backward, after the forward returned: guard it here so a
+            # failure falls back to the reference gradients instead of killing the training step.
+            try:
+                da, dn = _backward(a, n, stats, g_cs, g_ps, need_da, need_dn, ctx.max_fused_c)
+            except Exception as exc:  # noqa: BLE001
+                if _selfcheck.is_oom(exc):
+                    raise
+                _selfcheck.fail("scan_loss", a.device, f"backward raised {type(exc).__name__}: "
+                                f"{str(exc).strip()[:300]}")
+                da, dn = _reference_grads(a, n, g_cs, g_ps, need_da, need_dn)
+            return da, dn, None, None
+        da, dn = _backward(a, n, stats, g_cs, g_ps, need_da, need_dn, ctx.max_fused_c)
+        return da, dn, None, None
+
+
+def _reference_grads(a: Tensor, n: Tensor, g_cs: Tensor | None, g_ps: Tensor | None, need_da: bool,
+                     need_dn: bool) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of the local terms by autograd through the torch reference (the guarded backward's fallback)."""
+    from .scan_loss import _local_terms_torch
+
+    with torch.enable_grad():
+        x = a.detach().requires_grad_(need_da)
+        y = n.detach().requires_grad_(need_dn)
+        cs, ps = _local_terms_torch(x, y)
+        outs = [(cs, g_cs), (ps, g_ps)]
+        outs = [(o, g) for o, g in outs if g is not None]
+        inputs = [t for t, need in ((x, need_da), (y, need_dn)) if need]
+        if not outs or not inputs:
+            return (torch.zeros_like(a) if need_da else None), (torch.zeros_like(n) if need_dn else None)
+        grads = iter(torch.autograd.grad([o for o, _ in outs], inputs, [g for _, g in outs], allow_unused=True,
+                                         materialize_grads=True))
+        return (next(grads) if need_da else None), (next(grads) if need_dn else None)
 
 
 def local_terms(anchor_logits: Tensor, neighbor_logits: Tensor, *,
-                max_fused_c: int = MAX_FUSED_C) -> tuple[Tensor, Tensor]:
+                max_fused_c: int = MAX_FUSED_C, guarded: bool = False) -> tuple[Tensor, Tensor]:
     """Per-rank SCAN sums ``(consistency_sum [H], prob_sum [H, C])`` in fp32, differentiable, Triton kernels.
 
     Inputs: ``[H, B, C]`` fp32/bf16/fp16 logits on CUDA (or CPU under ``TRITON_INTERPRET=1``); shapes are checked
     by the caller (``scan_loss``).  Gradients come back in each input's dtype and layout.  ``max_fused_c`` is the
-    largest C served by the single-pass kernels (a test hook to force the chunked path on small C).
+    largest C served by the single-pass kernels (a test hook to force the chunked path on small C).  ``guarded``:
+    a backward that raises falls back to the reference gradients and switches the family off (``_selfcheck``).
     """
     if anchor_logits.dtype == torch.float64 or neighbor_logits.dtype == torch.float64:
         raise TypeError("the Triton SCAN loss takes fp32/bf16/fp16 logits; float64 goes through the torch path")
     if max_fused_c < 1:
         raise ValueError(f"max_fused_c must be >= 1, got {max_fused_c}")
-    return _LocalTerms.apply(anchor_logits, neighbor_logits, int(max_fused_c))
+    return _LocalTerms.apply(anchor_logits, neighbor_logits, int(max_fused_c), bool(guarded))
+
+
+# --------------------------------------------------------------------------- #
+# First-use self-check (see _selfcheck.py)
+# --------------------------------------------------------------------------- #
+# Rows of the check case: more than one 64-row block (the largest BLOCK_B) plus a tail, so the check compiles the
+# kernels with the same BLOCK_B as any real batch of >= 64 rows and runs the masked-tail code.
+CHECK_ROWS = 67
+# Output tolerance of the check (relative, and absolute times max(1, |reference|)): fp32 sums of 2 x 67 rows agree
+# to ~1e-6 whatever the order; gradients use _CHECK_GRAD_TOL per dtype (they are stored in the input dtype).
+_CHECK_OUT_TOL = 2e-5
+_CHECK_GRAD_TOL = {torch.float32: (1e-4, 1e-5), torch.bfloat16: (1.6e-2, 1e-2), torch.float16: (2e-3, 1e-3)}
+
+
+def check_key(anchor_logits: Tensor, neighbor_logits: Tensor) -> tuple:
+    """What selects the compiled kernels of a call: the dtypes and the class count (constexpr C, fused or chunked)."""
+    classes = anchor_logits.shape[2]
+    return (anchor_logits.dtype, neighbor_logits.dtype, classes, "fused" if classes <= MAX_FUSED_C else "chunked")
+
+
+def self_check(anchor_logits: Tensor, neighbor_logits: Tensor) -> str | None:
+    """Run a small case of the same specialisation as this call (2 heads, CHECK_ROWS rows, same C and dtypes,
+    same device) forward and backward, against autograd of the torch reference.  None when it agrees, else what
+    differed.  Exceptions (compile errors) propagate to the caller, ``_selfcheck.ensure``."""
+    from .scan_loss import _local_terms_torch
+
+    classes, device = anchor_logits.shape[2], anchor_logits.device
+    gen = torch.Generator().manual_seed(1234)
+    shape = (2, CHECK_ROWS, classes)
+    base = 3.0 * torch.randn(shape, generator=gen)
+    a = base.to(device=device, dtype=anchor_logits.dtype)
+    n = (base + 2.0 * torch.randn(shape, generator=gen)).to(device=device, dtype=neighbor_logits.dtype)
+    g_cs = torch.randn(2, generator=gen).to(device)
+    g_ps = torch.randn(2, classes, generator=gen).to(device)
+
+    def run(fn):
+        x = a.detach().clone().requires_grad_(True)
+        y = n.detach().clone().requires_grad_(True)
+        cs, ps = fn(x, y)
+        ga, gn = torch.autograd.grad((cs * g_cs).sum() + (ps * g_ps).sum(), (x, y))
+        return cs.detach(), ps.detach(), ga, gn
+
+    got = run(local_terms)
+    ref = run(_local_terms_torch)
+    for name, g, r in zip(("consistency_sum", "prob_sum"), got[:2], ref[:2]):
+        bad = _mismatch(g, r, _CHECK_OUT_TOL, _CHECK_OUT_TOL * max(1.0, float(r.abs().max())))
+        if bad:
+            return f"forward {name}: {bad}"
+    for name, g, r, dtype in (("d anchor", got[2], ref[2], a.dtype), ("d neighbor", got[3], ref[3], n.dtype)):
+        rtol, rel_atol = _CHECK_GRAD_TOL[dtype]
+        bad = _mismatch(g, r, rtol, rel_atol * float(r.double().abs().max()) + 1e-30)
+        if bad:
+            return f"backward {name}: {bad}"
+    return None
+
+
+def _mismatch(got: Tensor, ref: Tensor, rtol: float, atol: float) -> str | None:
+    if got.shape != ref.shape or got.dtype != ref.dtype:
+        return f"shape/dtype {tuple(got.shape)} {got.dtype} instead of {tuple(ref.shape)} {ref.dtype}"
+    g, r = got.double(), ref.double()
+    if not bool(torch.isfinite(g).all()):
+        return "non-finite values"
+    err = (g - r).abs()
+    allowed = atol + rtol * r.abs()
+    if bool((err > allowed).any()):
+        return f"max abs error {float(err.max()):.3g} (allowed {atol:.3g} + {rtol:g} * |reference|)"
+    return None

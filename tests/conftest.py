@@ -3,6 +3,10 @@
 Without CUDA, Triton kernels are tested in Triton's CPU interpreter.  Triton reads TRITON_INTERPRET when a kernel
 is decorated, so it is set here, before any test module imports scan_dist.kernels.  (Kernel dispatch with
 backend="auto" still picks the torch reference on CPU, so the pipeline tests stay fast.)
+
+The kernels' first-use self-check (scan_dist.kernels._selfcheck) is switched off for the suite: on a GPU it would
+replace a failing kernel by the torch reference, and a parity test would then compare torch with torch and pass.
+Tests of the check itself switch it on explicitly (tests/test_kernel_selfcheck.py).
 """
 import os
 from pathlib import Path
@@ -12,6 +16,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("SCAN_DIST_KERNEL_SELF_CHECK", "0")
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 

@@ -79,6 +79,8 @@ def test_discover_and_flags(scripts):
     assert {"knn", "pipeline", "scan_loss", "train_step"} <= set(real)
     for path in real.values():
         assert {"--small", "--out"} <= runner.script_flags(path)
+    for name in ("knn", "scan_loss", "train_step", "scan_epoch", "host_memory"):  # sized by --budget-s
+        assert "--budget-s" in runner.script_flags(real[name])
 
 
 def test_failures_are_reported_and_others_run(scripts, tmp_path, capsys):
@@ -109,6 +111,40 @@ def test_failures_are_reported_and_others_run(scripts, tmp_path, capsys):
     _png(out / f"{stem}-noout.png")
     _png(out / f"{cuda[0].stem}-gpu.png")
     assert not (out / f"{stem}-aaa_crash.png").exists()
+
+
+def test_budget_shares(tmp_path, monkeypatch, capsys):
+    """--budget-s: a script that declares it gets its share (less start-up), one that does not is killed at its
+    share, and the whole run ends within the budget."""
+    assert runner.share_s(90, {"big": 2.0}, ["big", "a", "b"]) == 45.0
+    assert runner.share_s(90, {"big": 2.0}, ["a", "big", "b"]) == 22.5
+    assert runner.share_s(-5, {}, ["a"]) == 0.0
+    folder = tmp_path / "scripts"
+    folder.mkdir()
+    _script(folder, "a_budgeted", textwrap.dedent("""
+        import argparse, json
+        from pathlib import Path
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--out", type=Path)
+        parser.add_argument("--budget-s", type=float, default=None)
+        args = parser.parse_args()
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "x.json").write_text(json.dumps({"environment": {"device_type": "cpu"},
+                                                     "config": {"budget_s": args.budget_s}, "results": []}))
+    """))
+    _script(folder, "b_sleepy", "import time\ntime.sleep(60)\n")
+    monkeypatch.setattr(runner, "_RUNNER_RESERVE_S", 0.0)
+    monkeypatch.setattr(runner, "_STARTUP_S", 0.0)
+    start = time.perf_counter()
+    code = runner.main(["--scripts-dir", str(folder), "--out-dir", str(tmp_path / "out"), "--budget-s", "8",
+                        "--no-plots"])
+    elapsed = time.perf_counter() - start
+    assert code == 1 and elapsed < 8 + 2.0, elapsed
+    (combined,) = (tmp_path / "out").glob("all-cpu-*.json")
+    benches = json.loads(combined.read_text())["benchmarks"]
+    assert benches["a_budgeted"]["config"]["budget_s"] == 4.0  # half of 8 s, less 10 %, rounded
+    assert benches["b_sleepy"]["error"].startswith("timed out")
+    assert "no --budget-s flag" in benches["b_sleepy"]["runner_notes"][0]
 
 
 def test_unknown_name_is_a_usage_error(scripts, tmp_path, capsys):
