@@ -26,16 +26,24 @@ PRESET_DIR = Path(__file__).parent / "presets"
 class DataConfig:
     path: str = ""  # dataset root folder; "" lets the preset's default apply
     format: str = "auto"  # auto | idx | imagefolder | flat | imagenet | cifar10 | cifar100 | cifar20 | stl10
-    image_size: Optional[int] = None  # None: native size for array formats, 64 for image folders
-    channels: Optional[int] = None  # None: native channels (folders: 1 when every image is grayscale)
+    image_size: Optional[int] = None  # side the network sees; None: native size for array formats, 64 for files
+    resize_size: Optional[int] = None  # image files: shorter side after decoding, before the crop; None:
+    #                                    image_size * 256/224 (the paper's ImageNet chain: 256, then 224 crops)
+    channels: Optional[int] = None  # None: native channels (files: 1 when the probed headers are all grayscale)
     subset: Optional[str] = None  # imagenet50 | imagenet100 | imagenet200 (ImageNet layout only)
-    on_bad_image: str = "fail"  # fail | skip: what to do with an unreadable or truncated image
+    on_bad_image: str = "fail"  # fail | skip (an unreadable file is replaced by a black image and counted)
     include_unlabeled: bool = False  # STL-10: add the unlabeled split to the training images
     max_images: Optional[int] = None  # keep a seeded random subset of the training images (tests, smoke runs)
     max_eval_images: Optional[int] = None  # same for the evaluation images
     mean: Optional[List[float]] = None  # per-channel normalisation mean; None: measured on the training images
     std: Optional[List[float]] = None  # per-channel normalisation std; None: measured on the training images
-    num_threads: int = 4  # image decoding threads
+    cache_dir: Optional[str] = None  # array formats are decoded once into a uint8 .npy here; None:
+    #                                  $SCAN_DIST_CACHE_DIR or ~/.cache/scan_dist
+    workers: Optional[int] = None  # DataLoader worker processes per rank; None: 1 on CPU, min(8, CPUs) on CUDA;
+    #                                0 builds batches in the training loop
+    prefetch: int = 2  # batches each worker prepares ahead
+    finish_on: str = "auto"  # where the float phase of augmentation runs: auto (device on CUDA, loader on CPU) |
+    #                          loader | device
     backend: str = "auto"  # augmentation: auto (DALI when installed and on CUDA) | torchvision (batched torch) | dali
 
     def __post_init__(self):
@@ -164,6 +172,8 @@ class RunConfig:
     eval_batch_size: int = 1024
     baseline: bool = True  # compute the k-means-on-pixels baseline in the evaluate stage
     tune_malloc: bool = True  # CPU runs on glibc: keep freed host memory for reuse (host_memory.py)
+    kernel_self_check: bool = True  # CUDA: check each Triton kernel against its torch reference at first use and
+    #                                 fall back to torch (with one warning) on a mismatch or error
 
 
 @dataclass
@@ -184,6 +194,7 @@ class Config:
 
 _CHOICES = {
     "data.backend": ("auto", "torchvision", "dali"),
+    "data.finish_on": ("auto", "loader", "device"),
     "data.format": ("auto", "idx", "imagefolder", "flat", "imagenet", "cifar10", "cifar100", "cifar20", "stl10"),
     "model.backbone": ("cnn_small", "resnet18_cifar", "resnet18_stl", "resnet50"),
     "pretext.optimizer": ("sgd", "adam"),
@@ -346,6 +357,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"selflabel.ema_decay must be in [0, 1); got {cfg.selflabel.ema_decay}")
     if cfg.data.image_size is not None and cfg.data.image_size < 8:
         raise ConfigError(f"data.image_size must be at least 8; got {cfg.data.image_size}")
+    if cfg.data.resize_size is not None and cfg.data.resize_size < (cfg.data.image_size or 8):
+        raise ConfigError(f"data.resize_size={cfg.data.resize_size} must be at least data.image_size")
+    if cfg.data.workers is not None and cfg.data.workers < 0:
+        raise ConfigError(f"data.workers must be >= 0 (0: build batches in the training loop); got {cfg.data.workers}")
+    if cfg.data.prefetch < 1:
+        raise ConfigError(f"data.prefetch must be at least 1; got {cfg.data.prefetch}")
     if cfg.data.channels not in (None, 1, 3):
         raise ConfigError(f"data.channels must be 1 or 3; got {cfg.data.channels}")
     if cfg.scan.mode in ("head", "cached") and cfg.scan.init == "random":

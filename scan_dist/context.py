@@ -1,15 +1,21 @@
-"""The run context handed to every stage: config, run folder, device, logger, and the datasets loaded once."""
+"""The run context handed to every stage: config, run folder, device, logger, the dataset readers and loaders."""
 from __future__ import annotations
 
 import logging
+import os
 from functools import cached_property
 from pathlib import Path
 
 import torch
 
+import numpy as np
+
 from .config import Config
-from .data import augment
-from .data.datasets import ImageSet, open_dataset
+from .data.formats import FILE_FORMATS, Reader, detect_format, list_files, open_dataset
+from .data.formats.common import existing_dir
+from .data.loaders import (BatchBuilder, BatchSource, EpochRequests, LoaderSettings, Partners, RangeRequests, Request,
+                           ViewSpec)
+from .data.transforms import ViewTransform
 from .dist import comm
 from .errors import DataError
 
@@ -35,6 +41,7 @@ class RunContext:
         self.log = logger
         self.env = env  # dist.env.DistEnv of this process, or None for a plain single process
         self.device = env.device if env is not None else resolve_device(cfg.run.device)
+        self.stage_stats: dict[str, dict] = {}  # per stage: data wait, skipped images (merged into DONE markers)
 
     @property
     def is_main(self) -> bool:
@@ -62,40 +69,51 @@ class RunContext:
                 f"{LAYOUT_HINTS.get(data.format, LAYOUT_HINTS['auto'])}"
             )
 
-    def _open(self, split: str) -> ImageSet:
+    def _open(self, split: str) -> Reader:
         data = self.cfg.data
         self.check_data_path()
+        fmt = data.format if data.format != "auto" else detect_format(data.path)
         limit = data.max_images if split == "train" else data.max_eval_images
-        imageset = open_dataset(
-            data.path, split, fmt=data.format, image_size=data.image_size, channels=data.channels,
-            subset=data.subset, on_bad_image=data.on_bad_image, include_unlabeled=data.include_unlabeled,
-            max_images=limit, seed=self.cfg.run.seed, num_threads=data.num_threads, progress=self.cfg.run.progress,
+        listing = None
+        if fmt in FILE_FORMATS:  # rank 0 walks the folder once; the others get its listing
+            listing = comm.broadcast_object(
+                list_files(existing_dir(data.path), split, fmt, data.subset, limit, self.cfg.run.seed)
+                if comm.is_main() else None)
+        reader = open_dataset(
+            data.path, split, fmt=fmt, image_size=data.image_size, resize_size=data.resize_size,
+            channels=data.channels, subset=data.subset, on_bad_image=data.on_bad_image,
+            include_unlabeled=data.include_unlabeled, max_images=limit, seed=self.cfg.run.seed,
+            cache_dir=data.cache_dir, listing=listing, log=self.log,
         )
-        if imageset.skipped:
-            self.log.warning("%s: skipped %d unreadable image(s), first: %s", split, len(imageset.skipped),
-                             imageset.skipped[0])
-        self.log.info("%s data: %s, %d images of %s", split, imageset.source, len(imageset),
-                      "x".join(map(str, imageset.images.shape[1:])))
-        return imageset
+        stored = "x".join(map(str, reader.stored_hw())) if reader.fixed_size else \
+            f"shorter side {reader.resize_size}, any aspect"
+        self.log.info("%s data: %s, %d images, %d channel(s), stored %s, network input %d", split, reader.source,
+                      len(reader), reader.channels, stored, reader.image_size)
+        return reader
 
     @cached_property
-    def train_set(self) -> ImageSet:
-        imageset = self._open("train")
-        if self.cfg.num_clusters > len(imageset):
-            raise DataError(f"num_clusters={self.cfg.num_clusters} is larger than the {len(imageset)} training images")
-        return imageset
+    def train_set(self) -> Reader:
+        reader = self._open("train")
+        if self.cfg.num_clusters > len(reader):
+            raise DataError(f"num_clusters={self.cfg.num_clusters} is larger than the {len(reader)} training images")
+        return reader
 
     @cached_property
-    def eval_set(self) -> ImageSet:
+    def eval_set(self) -> Reader:
         return self._open("eval")
+
+    def reader(self, split: str) -> Reader:
+        return self.train_set if split == "train" else self.eval_set
 
     @cached_property
     def channels(self) -> int:
-        return int(self.train_set.images.shape[1])
+        return self.train_set.channels
 
     @cached_property
     def pixel_shape(self) -> tuple[int, int, int]:
-        return tuple(int(d) for d in self.train_set.images.shape[1:])
+        """(C, S, S) of the network's input."""
+        side = self.train_set.image_size
+        return self.channels, side, side
 
     @cached_property
     def pca_dims(self) -> int:
@@ -105,53 +123,88 @@ class RunContext:
 
     @cached_property
     def normalization(self) -> tuple[list[float], list[float]]:
-        """Per-channel mean/std: from the config, or measured on (up to 10k of) the training images."""
+        """Per-channel mean/std: from the config, or measured on evenly spaced training images (their evaluation
+        crops): up to 10,000 of a memory-mapped array, up to 256 decoded files."""
         data = self.cfg.data
         if data.mean is not None and data.std is not None:
             return list(data.mean), list(data.std)
-        images = self.train_set.images[:10000].float() / 255.0
+        reader = self.train_set
+        count = min(len(reader), 10000 if reader.fixed_size else 256)
+        picks = np.unique(np.linspace(0, len(reader) - 1, num=count).astype(np.int64))
+        images = torch.cat([self.eval_images("train", picks[i:i + 1024]).float() / 255
+                            for i in range(0, len(picks), 1024)])
         mean = images.mean(dim=(0, 2, 3)).tolist()
         std = images.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
         return mean, std
 
     @cached_property
     def augment_backend(self) -> str:
-        """data.backend resolved for this device: "torchvision" (batched torch ops) or "dali"."""
+        """data.backend resolved for this device: "torchvision" (this project's torch ops) or "dali"."""
         from .data import dali
 
         backend = dali.resolve_backend(self.cfg.data.backend, self.device)
         if backend == "dali":
-            self.log.info("augmentations: NVIDIA DALI (per-sample randomness is DALI's: N processes and a resumed "
-                          "run see other views than one uninterrupted process)")
+            self.log.info("augmentations: NVIDIA DALI, executing the same per-sample parameters as the torch path")
         return backend
 
-    def transform(self, kind: str):
-        """A batched augmentation (uint8 [B,C,S,S] -> normalised float on the device) of the given kind."""
-        if self.augment_backend != "dali":
-            return self.torch_transform(kind)
-        from .data import dali
-
+    def view_transform(self, kind: str) -> ViewTransform:
+        """The view `kind` at the network's input size, normalised with this run's statistics."""
         mean, std = self.normalization
-        base = dali.make_dali_transform(kind, self.cfg.augment, mean, std, device=self.device)
-        memory_format = self.memory_format
+        return ViewTransform(kind, self.cfg.augment, mean, std, self.train_set.image_size)
 
-        def apply_dali(batch_uint8: torch.Tensor) -> torch.Tensor:
-            # DALI takes host arrays and returns the batch on the device already.
-            return base(batch_uint8.cpu()).contiguous(memory_format=memory_format)
+    @cached_property
+    def loader_settings(self) -> LoaderSettings:
+        data = self.cfg.data
+        workers = data.workers
+        if workers is None:
+            workers = min(8, max(1, _cpus() // 2)) if self.device.type == "cuda" else 1
+        return LoaderSettings(workers=workers, prefetch=data.prefetch, pin_memory=self.device.type == "cuda",
+                              device=self.device, memory_format=self.memory_format)
 
-        return apply_dali
+    @property
+    def finish_in_loader(self) -> bool:
+        """Run the float phase of augmentation in the loader (CPU runs) or on the device (CUDA runs)."""
+        finish_on = self.cfg.data.finish_on
+        if finish_on == "auto":
+            return self.device.type != "cuda"
+        return finish_on == "loader"
 
-    def torch_transform(self, kind: str):
-        """`transform(kind)` with this project's batched torch augmentations whatever `data.backend` says (their
-        randomness is torch's, so it can be seeded: the feature cache needs that)."""
-        mean, std = self.normalization
-        base = augment.make_transform(kind, self.cfg.augment, mean, std)
-        memory_format = self.memory_format
+    def batches(self, split: str, specs: list[ViewSpec], batch_size: int, stream: str,
+                partners: Partners | None = None):
+        """Training batches of `split`: an epoch-by-epoch source of this rank's slices of the global batches."""
+        reader = self.reader(split)
+        sampler = EpochRequests(len(reader), batch_size, self.cfg.run.seed, stream, comm.rank(), comm.world_size())
+        return self._source(reader, specs, sampler, partners)
 
-        def apply(batch_uint8: torch.Tensor) -> torch.Tensor:
-            return base(batch_uint8.to(self.device, non_blocking=True)).contiguous(memory_format=memory_format)
+    def inference_batches(self, split: str, specs: list[ViewSpec] | None = None, start: int | None = None,
+                          stop: int | None = None):
+        """Batches of rows [start, stop) (default: this rank's shard), in order, in the given views (default: the
+        un-augmented eval view)."""
+        reader = self.reader(split)
+        if start is None:
+            start, stop = comm.shard_range(len(reader))
+        sampler = RangeRequests(start, stop, self.cfg.run.eval_batch_size)
+        return self._source(reader, specs or [ViewSpec("eval")], sampler, None)
 
-        return apply
+    def eval_images(self, split: str, indices) -> torch.Tensor:
+        """uint8 [B, C, S, S]: the un-augmented network-size crops of these images (plots, baselines), in this
+        process. Unreadable files come back black whatever data.on_bad_image says (they were met, or skipped,
+        during training)."""
+        reader = self.reader(split)
+        view = ViewTransform("eval", self.cfg.augment, [0.0] * reader.channels, [1.0] * reader.channels,
+                             reader.image_size)
+        builder = BatchBuilder(reader, [ViewSpec("eval")], {"eval": view}, self.cfg.run.seed, False, "skip")
+        return builder.build(Request(0, 0, np.asarray(indices, dtype=np.int64)))["views"][0]
+
+    def _source(self, reader, specs, sampler, partners):
+        transforms = {spec.kind: self.view_transform(spec.kind) for spec in specs}
+        builder = BatchBuilder(reader, specs, transforms, self.cfg.run.seed, self.finish_in_loader,
+                               self.cfg.data.on_bad_image, partners)
+        if self.augment_backend == "dali":
+            from .data import dali
+
+            return dali.DaliBatchSource(builder, sampler, self.loader_settings)
+        return BatchSource(builder, sampler, self.loader_settings)
 
     @property
     def memory_format(self) -> torch.memory_format:
@@ -163,6 +216,13 @@ class RunContext:
         if self.cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def resolve_device(name: str) -> torch.device:

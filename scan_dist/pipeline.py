@@ -102,10 +102,13 @@ def run_pipeline(ctx: RunContext) -> dict:
             if ctx.is_main:
                 (run_dir / name / "DONE").unlink(missing_ok=True)  # a re-run stage is not done until it finishes
             ctx.log.info("stage %s: running", name)
-            # Each stage starts from its own seed (resumable), the same on every rank: ranks share one RNG stream.
+            # Model initialisation draws from torch's generator, seeded per stage (the same on every rank); the
+            # data's randomness never touches it (counter-based streams, data/sampling.py).
             torch.manual_seed(int(hashes[name], 16) % (2**63))
             start = time.perf_counter()
             result = STAGES[name](cfg, ctx, hashes[name])
+            if name in ctx.stage_stats:  # data wait, skipped images
+                result.setdefault("metrics", {}).update(ctx.stage_stats[name])
             elapsed = time.perf_counter() - start
             comm.barrier()
             if ctx.is_main:

@@ -106,8 +106,11 @@ def write_confusion_png(path: str | os.PathLike, confusion: np.ndarray,
 
 
 def _images_nchw(images: Any, indices: np.ndarray) -> np.ndarray:
-    """Selects ``indices`` first so a huge (possibly memory-mapped or GPU) tensor is never copied whole."""
-    if hasattr(images, "detach"):
+    """Selects ``indices`` first so a huge (possibly memory-mapped or GPU) tensor is never copied whole; a callable
+    ``images(indices)`` fetches just those images (a dataset reader)."""
+    if callable(images):
+        picked = images(np.asarray(indices))
+    elif hasattr(images, "detach"):
         import torch
 
         picked = images[torch.as_tensor(indices, dtype=torch.long, device=images.device)]

@@ -1,22 +1,26 @@
-"""The one epoch loop shared by the training stages: seeded shuffling, LR schedule, progress, exact resume.
+"""The one epoch loop shared by the training stages: batches from a source, LR schedule, progress, exact resume.
 
-A stage supplies `step_fn(indices) -> dict of scalars` (forward, backward, optimiser step on one batch; 0-d tensors
-left on the device, or floats); the loop owns everything around it. The logged values are summed where they are and
-read every `READ_EVERY` steps, at checkpoints and at epoch ends: a step itself never waits for the device or for the
-other ranks just to log. Checkpoints every `run.checkpoint_every_steps` steps and at each epoch end hold the
-loop position, the running loss sums and the RNG states, so a run killed at any point resumes to the same result.
+A stage supplies a batch source (`ctx.batches(...)`: augmented views built by loader workers; or `IndexSource`
+for stages that train on stored features) and `step_fn(batch) -> dict of scalars` (forward, backward, optimiser
+step on one batch; 0-d tensors left on the device, or floats); the loop owns everything around it. The logged
+values are summed where they are and read every `READ_EVERY` steps, at checkpoints and at epoch ends: a step
+itself never waits for the device or for the other ranks just to log. Checkpoints every
+`run.checkpoint_every_steps` steps and at each epoch end hold the loop position and the running loss sums with
+the model and optimiser states. No RNG state: every random choice of a batch (order, views, neighbours) is a
+function of (seed, stage, epoch, sample index), so (epoch, step) is the whole position and a run killed at any
+point resumes to the same result, on any number of processes (DDP; ZeRO shards need the same number).
 
-Distributed: `batch_size` is the global batch. Every rank walks the same seeded order and takes its contiguous
-slice of each global batch; inside `global_batch()` its per-sample random draws are those one process makes for
-the same rows, so N processes train on exactly the batches (and views) one process would. Logged values are
-averaged over ranks when they are read (one small all-reduce). Rank 0 writes the checkpoint (ranks share one RNG
-stream by construction, so its RNG state is every rank's and a run may resume on a different number of processes);
-a DeepSpeed engine with ZeRO shards also saves its own sharded checkpoint from every rank.
+Distributed: batch sizes are global. The source gives each rank its contiguous slice of every global batch, so N
+processes train on exactly the batches (and views) one process would. Logged values are averaged over ranks when
+they are read (one small all-reduce). Rank 0 writes the checkpoint; a DeepSpeed engine with ZeRO shards also saves
+its own sharded checkpoint from every rank. The time the loop waits for data is logged per epoch and kept in the
+stage's metrics (`data_wait_s`, `data_wait_fraction`).
 """
 from __future__ import annotations
 
 import math
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +28,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from .data.batch_rng import global_batch
+from .data.sampling import steps_per_epoch
 from .dist import comm
 from .dist.checkpoint import load_checkpoint, restore, save_checkpoint
 from .errors import ConfigError
@@ -91,19 +95,24 @@ class RunningMeans:
         return {key: total / max(count, 1) for key, (total, count) in self.totals.items()}
 
 
-def steps_per_epoch(num_items: int, batch_size: int) -> int:
-    """Full batches only (as the paper's loaders drop the last one); a set smaller than a batch is one step."""
-    return max(1, num_items // batch_size)
+class IndexSource:
+    """Batches of sample indices only (stages that train on stored features): {"epoch", "index"}."""
+
+    def __init__(self, sampler):
+        self.sampler, self.wait_s, self.bad = sampler, 0.0, []
+
+    def epoch(self, epoch: int, start_step: int = 0):
+        self.sampler.set_epoch(epoch, start_step)
+        for request in self.sampler:
+            yield {"epoch": request.epoch, "index": torch.from_numpy(request.indices)}
+
+    def close(self) -> None:
+        pass
 
 
-def epoch_order(num_items: int, seed: int, epoch: int) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_items, generator=generator)
-
-
-def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, num_items: int, batch_size: int, epochs: int,
-               step_fn: Callable[[torch.Tensor], dict], optimizer=None, schedule: Schedule | None = None) -> list[dict]:
-    """Train for `epochs` epochs; returns one dict of mean step values per epoch (also stored for resume).
+def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs: int,
+               step_fn: Callable[[dict], dict], optimizer=None, schedule: Schedule | None = None) -> list[dict]:
+    """Train for `epochs` epochs over `source`; returns one dict of mean step values per epoch (kept for resume).
 
     `optimizer` is what the schedule sets learning rates on: a torch optimizer or an Engine. An Engine with sharded
     (DeepSpeed ZeRO) state also checkpoints itself under the stage folder.
@@ -111,13 +120,11 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, num_items: int
     ckpt_path = Path(ctx.stage_dir(stage)) / "checkpoint.pt"
     shard_dir = Path(ctx.stage_dir(stage)) / "checkpoint_shards"
     sharded = bool(getattr(optimizer, "uses_sharded_checkpoints", False))
-    per_epoch = steps_per_epoch(num_items, batch_size)
-    batch = min(batch_size, num_items)
-    world, rank = comm.world_size(), comm.rank()
+    sampler = source.sampler
+    per_epoch, batch, world = sampler.steps, sampler.batch, comm.world_size()
     if batch % world:
         raise ConfigError(f"{stage}: the global batch of {batch} does not split over {world} processes; "
                           f"use a batch size divisible by {world}")
-    local = batch // world
     epoch, step, history, running = 0, 0, [], RunningMeans()
     payload = load_checkpoint(ckpt_path, config_hash)
     if payload is not None and sharded and not optimizer.load_sharded(shard_dir, payload["position"].get("shard_tag")):
@@ -145,27 +152,46 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, num_items: int
         comm.barrier()  # nobody runs ahead of a checkpoint that is still being written
 
     every = max(1, ctx.cfg.run.checkpoint_every_steps)
-    while epoch < epochs:
-        order = epoch_order(num_items, ctx.cfg.run.seed, epoch)
-        bar = tqdm(total=per_epoch, initial=step, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="step",
-                   disable=not (ctx.cfg.run.progress and comm.is_main()), leave=False, dynamic_ncols=True)
-        while step < per_epoch:
-            if schedule is not None and optimizer is not None:
-                schedule.apply(optimizer, epoch * per_epoch + step)
-            indices = order[step * batch:(step + 1) * batch][rank * local:(rank + 1) * local]
-            with global_batch(batch, rank * local):
-                running.add(step_fn(indices))
-            step += 1
-            bar.update(1)
-            if step % READ_EVERY == 0:
-                bar.set_postfix({k: f"{v:.4f}" for k, v in running.read().items()}, refresh=False)
-            if step % every == 0 and step < per_epoch:
-                checkpoint()
-        bar.close()
-        means = running.read()
-        history.append(means)
-        ctx.log.info("%s epoch %d/%d: %s", stage, epoch + 1, epochs,
-                     ", ".join(f"{k}={v:.4f}" for k, v in means.items()))
-        epoch, step, running = epoch + 1, 0, RunningMeans()
-        checkpoint()
+    started, waited = time.perf_counter(), source.wait_s
+    try:
+        while epoch < epochs:
+            epoch_start, epoch_wait = time.perf_counter(), source.wait_s
+            bar = tqdm(total=per_epoch, initial=step, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="step",
+                       disable=not (ctx.cfg.run.progress and comm.is_main()), leave=False, dynamic_ncols=True)
+            for batch_data in source.epoch(epoch, step):
+                if schedule is not None and optimizer is not None:
+                    schedule.apply(optimizer, epoch * per_epoch + step)
+                running.add(step_fn(batch_data))
+                step += 1
+                bar.update(1)
+                if step % READ_EVERY == 0:
+                    bar.set_postfix({k: f"{v:.4f}" for k, v in running.read().items()}, refresh=False)
+                if step % every == 0 and step < per_epoch:
+                    checkpoint()
+            bar.close()
+            means = running.read()
+            history.append(means)
+            wall, wait = time.perf_counter() - epoch_start, source.wait_s - epoch_wait
+            ctx.log.info("%s epoch %d/%d: %s; waited %.1f s for data (%.1f%% of %.1f s)", stage, epoch + 1, epochs,
+                         ", ".join(f"{k}={v:.4f}" for k, v in means.items()), wait, 100 * wait / max(wall, 1e-9),
+                         wall)
+            epoch, step, running = epoch + 1, 0, RunningMeans()
+            checkpoint()
+    finally:
+        source.close()
+    record_data_stats(ctx, stage, time.perf_counter() - started, source.wait_s - waited, source.bad)
     return history
+
+
+def record_data_stats(ctx, stage: str, wall_s: float, wait_s: float, bad: list[int]) -> None:
+    """Keep the data wait and skipped images of a stage (in ctx.stage_stats, merged into its DONE marker)."""
+    stats = ctx.stage_stats.setdefault(stage, {})
+    stats["data_wait_s"] = round(stats.get("data_wait_s", 0.0) + wait_s, 3)
+    stats["loop_s"] = round(stats.get("loop_s", 0.0) + wall_s, 3)
+    stats["data_wait_fraction"] = round(stats["data_wait_s"] / max(stats["loop_s"], 1e-9), 4)
+    skipped = sorted(set(index for part in comm.all_gather_object(list(bad)) for index in part))
+    if skipped:
+        stats["skipped_images"] = len(set(skipped) | set(stats.get("skipped_indices", [])))
+        stats["skipped_indices"] = sorted(set(skipped) | set(stats.get("skipped_indices", [])))[:1000]
+        ctx.log.warning("%s: %d unreadable image(s) replaced by black ones (data.on_bad_image=skip), indices %s",
+                        stage, stats["skipped_images"], stats["skipped_indices"][:10])

@@ -1,52 +1,23 @@
-"""Batched, tensor-only image augmentations for SCAN.
+"""Image operations of SCAN's augmentations on batches of tensors, and the augmentation settings.
 
-Images live in memory as uint8 tensors ``[N, C, S, S]`` (C = 1 or 3).  Every
-transform here takes a whole batch and draws *per-sample* random parameters,
-so one call costs a handful of vectorised torch ops instead of a Python loop
-over PIL images.  That is what makes CPU training of the demo presets fast,
-and the same code runs unchanged on CUDA tensors.
+This module holds *what* each operation does; which operations a view applies, with which parameters, is decided
+by :mod:`.transforms` from the counter-based draws of :mod:`.sampling`. Nothing here draws a random number: every
+operation takes its per-sample magnitudes as tensors.
 
-All randomness comes from the torch global RNG of the input's device
-(``torch.rand`` / ``torch.randint`` with ``device=x.device``): saving and
-restoring ``torch.get_rng_state()`` (or the CUDA one) reproduces the
-augmentations exactly, which checkpoint/resume relies on.
-
-Distributed runs: every per-sample draw goes through :mod:`.batch_rng`, so
-inside ``with global_batch(size, offset):`` a rank augments its slice of the
-global batch exactly as one process augments those rows.
-
-Kinds built by :func:`make_transform`:
-
-``"eval"``
-    ``x / 255``, optional bilinear (antialiased) resize, per-channel normalise.
-``"simclr"``
-    Random resized crop + horizontal flip as ONE ``grid_sample`` per batch,
-    then colour jitter (prob ``jitter_prob``), random grayscale, optional
-    Gaussian blur, normalise.  Jitter is applied in a FIXED order
-    (brightness, contrast, saturation, hue) rather than torchvision's random
-    order: a random order would need every op evaluated in every slot.
-    Hue is a rotation of the chroma plane in YIQ space (no HSV round trip).
-``"weak"``
-    The simclr geometry with ``crop_scale_min`` raised to
-    ``max(cfg.crop_scale_min, 0.6)`` plus an optional random translation of
-    up to ``translate_frac`` of the size; no colour jitter, grayscale or blur.
-``"strong"``
-    SCAN's self-labelling augmentation: flip, ``strong_ops`` RandAugment-style
-    ops drawn uniformly with replacement per sample, normalise, Cutout.
+Images are float ``[B, C, H, W]`` in ``[0, 1]`` (C = 1 or 3). Every operation is *batch-composition invariant*:
+a sample's result does not depend on which other samples share its batch (element-wise arithmetic, explicit
+shifted-slice filters instead of convolutions whose algorithm may change with the batch size, exact integer or
+min/max reductions, means accumulated in float64). That is what makes a view bitwise the same whether one process
+augments a global batch or N ranks augment their slices of it, with or without DataLoader workers.
 
 Deviations from the PIL/torchvision originals, all deliberate:
 
-* crops have continuous (sub-pixel) sizes and offsets instead of integer
-  ones; after 10 rejected tries a sample falls back to the centred crop of
-  the whole image with the ratio clamped into ``crop_ratio`` (torchvision's
-  rule), so ``crop_scale_min=1`` gives the identity crop.
-* crop sampling uses ``padding_mode="border"`` (crops lie inside the image,
-  so this only avoids darkening half-pixel edges); translations and the
-  strong geometric ops fill with 0 (black), as PIL does by default.
-* shears and rotations act about the image centre, not PIL's top-left
-  corner, so sheared content stays centred.
-* colour ops work on float ``[0, 1]``; equalize/posterize quantise to the 256
-  uint8 levels first, others are not re-quantised after each op.
+* crops and geometric ops sample bilinearly at continuous (sub-pixel) positions;
+* shears and rotations act about the image centre, not PIL's top-left corner, so sheared content stays centred;
+* colour ops work on float ``[0, 1]``; equalize/posterize quantise to the 256 uint8 levels first, others are not
+  re-quantised after each op;
+* colour jitter runs in a fixed order (brightness, contrast, saturation, hue) rather than torchvision's random
+  order; hue is a rotation of the chroma plane in YIQ space.
 """
 
 from __future__ import annotations
@@ -59,17 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .batch_rng import global_batch
-from .batch_rng import rand as _rand
-from .batch_rng import randint as _randint
-
 __all__ = [
-    "global_batch",
     "AugmentConfig",
     "KINDS",
     "STRONG_OPS",
     "normalize",
-    "make_transform",
+    "affine",
+    "gaussian_blur",
+    "hue_rotate",
     "check_kind",
     "check_out_size",
     "normalization_stats",
@@ -95,7 +63,7 @@ KINDS = ("simclr", "weak", "strong", "eval")
 # stay recognisable; 0.6 is the floor the SCAN stages were tuned for.
 WEAK_MIN_SCALE = 0.6
 
-_CROP_ATTEMPTS = 10
+MAX_STRONG_OPS = 8  # RandAugment ops per sample the draw layout of transforms.py has room for
 
 # ITU-R 601 luma, the weights PIL's convert("L") and torchvision use.
 _LUMA = (0.299, 0.587, 0.114)
@@ -147,8 +115,37 @@ class AugmentConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0.0 <= self.hue <= 0.5:
             raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
-        if self.strong_ops < 0:
-            raise ValueError(f"strong_ops must be >= 0, got {self.strong_ops}")
+        if not 0 <= self.strong_ops <= MAX_STRONG_OPS:
+            raise ValueError(f"strong_ops must be in [0, {MAX_STRONG_OPS}], got {self.strong_ops}")
+
+
+# ---------------------------------------------------------------------------
+# argument checks (shared with transforms.py and the DALI backend)
+
+
+def check_kind(kind: str) -> None:
+    """Raise ValueError unless ``kind`` is one of :data:`KINDS` (shared with the DALI backend)."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {', '.join(KINDS)}")
+
+
+def check_out_size(out_size) -> int | None:
+    """``out_size`` as an int (None stays None); ValueError unless it is a positive integer."""
+    if out_size is not None and (isinstance(out_size, bool) or int(out_size) != out_size or out_size <= 0):
+        raise ValueError(f"out_size must be a positive integer or None, got {out_size!r}")
+    return None if out_size is None else int(out_size)
+
+
+def normalization_stats(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel ``(mean, std)`` as float tuples; ValueError on a length mismatch or a non-positive std."""
+    m = tuple(float(v) for v in torch.as_tensor(mean).flatten().tolist())
+    s = tuple(float(v) for v in torch.as_tensor(std).flatten().tolist())
+    if any(v <= 0 for v in s):
+        raise ValueError(f"std must be positive, got {s}")
+    if len(m) != len(s):
+        raise ValueError(f"mean has {len(m)} values but std has {len(s)}")
+    return m, s
+
 
 
 # ---------------------------------------------------------------------------
@@ -202,21 +199,40 @@ def _blend(x: Tensor, degenerate: Tensor, factor: Tensor) -> Tensor:
     return (degenerate + factor * (x - degenerate)).clamp_(0.0, 1.0)
 
 
-def _uniform(n: int, lo: float, hi: float, device: torch.device) -> Tensor:
-    return lo + (hi - lo) * _rand(n, device=device)
+def _grid(lin: Tensor, shift: Tensor, oh: int, ow: int) -> Tensor:
+    """grid_sample's sampling grid [n, oh, ow, 2] for ``p_in = lin @ p_out + shift`` (normalised coordinates,
+    align_corners=False), computed element-wise so each sample's grid is independent of its batch."""
+    dtype, device = lin.dtype, lin.device
+    xs = ((torch.arange(ow, device=device, dtype=dtype) * 2 + 1) / ow - 1).view(1, 1, ow)
+    ys = ((torch.arange(oh, device=device, dtype=dtype) * 2 + 1) / oh - 1).view(1, oh, 1)
+    coef = [lin[:, i, j].view(-1, 1, 1) for i in range(2) for j in range(2)]
+    gx = coef[0] * xs + coef[1] * ys + shift[:, 0].view(-1, 1, 1)
+    gy = coef[2] * xs + coef[3] * ys + shift[:, 1].view(-1, 1, 1)
+    return torch.stack([gx, gy], dim=-1)
 
 
-def _affine(x: Tensor, lin: Tensor, shift: Tensor, padding_mode: str = "zeros", size: tuple[int, int] | None = None) -> Tensor:
-    """Sample ``x`` at ``lin @ p + shift`` for every output point ``p``.
+def affine(x: Tensor, lin: Tensor, shift: Tensor, padding_mode: str = "zeros", size: tuple[int, int] | None = None) -> Tensor:
+    """Sample ``x`` bilinearly at ``lin @ p + shift`` for every output point ``p``.
 
-    ``lin`` [n,2,2] and ``shift`` [n,2] are in grid_sample's normalised
-    coordinates (x right, y down, [-1, 1] spanning the image edges).
+    ``lin`` [n,2,2] and ``shift`` [n,2] are in grid_sample's normalised coordinates (x right, y down, [-1, 1]
+    spanning the image edges); ``size`` (default: the input's) is the output (height, width).
     """
     n, c, h, w = x.shape
     oh, ow = size if size is not None else (h, w)
-    theta = torch.cat([lin, shift.unsqueeze(-1)], dim=2).to(x.dtype)
-    grid = F.affine_grid(theta, [n, c, oh, ow], align_corners=False)
+    grid = _grid(lin.to(x.dtype), shift.to(x.dtype), oh, ow)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+
+
+_affine = affine  # the name the op table and older callers use
+
+
+def _shifted_sum(padded: Tensor, weights: Sequence[Tensor | float], h: int, w: int, vertical: bool) -> Tensor:
+    """sum_t weights[t] * padded shifted by t along one axis: a 1-D filter as element-wise multiply-adds."""
+    out = None
+    for t, weight in enumerate(weights):
+        part = padded[:, :, t:t + h, :w] if vertical else padded[:, :, :h, t:t + w]
+        out = part * weight if out is None else out + part * weight
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -273,7 +289,8 @@ def adjust_brightness(x: Tensor, factor: Tensor | float) -> Tensor:
 
 def adjust_contrast(x: Tensor, factor: Tensor | float) -> Tensor:
     """Blend towards the sample's mean gray level (PIL ImageEnhance.Contrast)."""
-    mean = _grayscale(x).mean(dim=(1, 2, 3), keepdim=True)
+    # float64 accumulation: the mean then rounds to the same float32 however the reduction is split.
+    mean = _grayscale(x).double().mean(dim=(1, 2, 3), keepdim=True).to(x.dtype)
     return _blend(x, mean, _per_sample(factor, x))
 
 
@@ -289,10 +306,13 @@ def adjust_sharpness(x: Tensor, factor: Tensor | float) -> Tensor:
     n, c, h, w = x.shape
     if h < 3 or w < 3:
         return x
-    kernel = torch.ones(3, 3, dtype=x.dtype, device=x.device)
-    kernel[1, 1] = 5.0
-    kernel = (kernel / 13).expand(c, 1, 3, 3)
-    smooth = F.conv2d(x, kernel, groups=c)
+    # SMOOTH = [[1,1,1],[1,5,1],[1,1,1]] / 13 over the interior, as nine shifted multiply-adds.
+    smooth = None
+    for dy in range(3):
+        for dx in range(3):
+            weight = (5.0 if (dy, dx) == (1, 1) else 1.0) / 13.0
+            part = x[:, :, dy:dy + h - 2, dx:dx + w - 2] * weight
+            smooth = part if smooth is None else smooth + part
     # PIL leaves the one-pixel border of the degenerate image unfiltered.
     degenerate = x.clone()
     degenerate[:, :, 1:-1, 1:-1] = smooth
@@ -399,14 +419,14 @@ _STRONG_TABLE = _COLOUR_OPS + _GEOMETRIC_OPS
 STRONG_OPS: tuple[str, ...] = tuple(entry[0] for entry in _STRONG_TABLE)
 
 
-def cutout(x: Tensor, side: int) -> Tensor:
-    """Zero one ``side``-square per sample at a uniformly random centre, clipped at borders."""
+def cutout(x: Tensor, side: int, centres: Tensor) -> Tensor:
+    """Zero one ``side``-square per sample centred at ``centres`` [n, 2] (row, column), clipped at borders."""
     n, _, h, w = x.shape
     if side <= 0:
         return x
-    cy = _randint(h, n, 1, device=x.device)
-    cx = _randint(w, n, 1, device=x.device)
-    y0, x0 = cy - side // 2, cx - side // 2
+    centres = centres.to(x.device).long()
+    y0 = centres[:, 0:1] - side // 2
+    x0 = centres[:, 1:2] - side // 2
     rows = torch.arange(h, device=x.device).unsqueeze(0)
     cols = torch.arange(w, device=x.device).unsqueeze(0)
     in_rows = (rows >= y0) & (rows < y0 + side)
@@ -415,301 +435,44 @@ def cutout(x: Tensor, side: int) -> Tensor:
     return x.masked_fill(mask, 0.0)
 
 
-# ---------------------------------------------------------------------------
-# simclr / weak pieces
-
-
-def _crop_flip_affine(
-    b: int,
-    h: int,
-    w: int,
-    scale_min: float,
-    ratio: tuple[float, float],
-    flip: bool,
-    translate_frac: float,
-    device: torch.device,
-) -> tuple[Tensor, Tensor]:
-    """Per-sample affine (lin [b,2,2], shift [b,2]) of a random resized crop + flip."""
-    area = float(h * w)
-    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    target = area * (scale_min + (1.0 - scale_min) * _rand(b, _CROP_ATTEMPTS, device=device))
-    aspect = torch.exp(log_lo + (log_hi - log_lo) * _rand(b, _CROP_ATTEMPTS, device=device))
-    cw_all = torch.sqrt(target * aspect)
-    ch_all = torch.sqrt(target / aspect)
-    ok = (cw_all <= w) & (ch_all <= h)
-    # argmax returns the first maximal index, i.e. the first accepted attempt.
-    first = ok.to(torch.int32).argmax(dim=1, keepdim=True)
-    found = ok.any(dim=1)
-    cw = cw_all.gather(1, first).squeeze(1)
-    ch = ch_all.gather(1, first).squeeze(1)
-
-    in_ratio = w / h
-    if in_ratio < ratio[0]:
-        fw, fh = float(w), w / ratio[0]
-    elif in_ratio > ratio[1]:
-        fw, fh = h * ratio[1], float(h)
-    else:
-        fw, fh = float(w), float(h)
-    cw = torch.where(found, cw, torch.full_like(cw, fw))
-    ch = torch.where(found, ch, torch.full_like(ch, fh))
-    pos = _rand(b, 2, device=device)
-    # Fallback crops are centred (pos = 0.5), accepted ones uniform inside.
-    pos = torch.where(found.unsqueeze(1), pos, torch.full_like(pos, 0.5))
-    cx = pos[:, 0] * (w - cw) + cw / 2
-    cy = pos[:, 1] * (h - ch) + ch / 2
-
-    sx = cw / w
-    if flip:
-        sx = torch.where(_rand(b, device=device) < 0.5, -sx, sx)
-    sy = ch / h
-    tx = 2 * cx / w - 1
-    ty = 2 * cy / h - 1
-    if translate_frac > 0:
-        shift = translate_frac * (2 * _rand(b, 2, device=device) - 1)
-        tx = tx + 2 * shift[:, 0]
-        ty = ty + 2 * shift[:, 1]
-    zero = torch.zeros_like(sx)
-    lin = torch.stack([torch.stack([sx, zero], -1), torch.stack([zero, sy], -1)], -2)
-    return lin, torch.stack([tx, ty], -1)
-
-
 _TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
-# Exact numerical inverse (not the rounded textbook one) so a zero hue shift
-# is the identity up to float rounding.
+# Exact numerical inverse (not the rounded textbook one) so a zero hue shift is the identity up to float rounding.
 _FROM_YIQ = torch.linalg.inv(_TO_YIQ)
 
 
-def _hue_rotate(x: Tensor, shift: Tensor) -> Tensor:
-    """Shift hue by ``shift`` turns: rotate the (I, Q) chroma plane, keep luma Y."""
+def hue_rotate(x: Tensor, shift: Tensor) -> Tensor:
+    """Shift hue by ``shift`` [n] turns: rotate the (I, Q) chroma plane, keep luma Y."""
     to_yiq, from_yiq = _TO_YIQ.to(x.device, x.dtype), _FROM_YIQ.to(x.device, x.dtype)
-    a = 2 * math.pi * shift
+    a = 2 * math.pi * shift.to(x.device, x.dtype)
     cos, sin = torch.cos(a), torch.sin(a)
     one, zero = torch.ones_like(a), torch.zeros_like(a)
-    rot = torch.stack(
-        [
-            torch.stack([one, zero, zero], -1),
-            torch.stack([zero, cos, -sin], -1),
-            torch.stack([zero, sin, cos], -1),
-        ],
-        -2,
-    )
-    m = from_yiq @ rot @ to_yiq
-    return torch.einsum("bij,bjhw->bihw", m, x).clamp_(0.0, 1.0)
+    rot = torch.stack([torch.stack([one, zero, zero], -1), torch.stack([zero, cos, -sin], -1),
+                       torch.stack([zero, sin, cos], -1)], -2)
+    m = from_yiq @ rot @ to_yiq  # [n, 3, 3]
+    # Three multiply-adds per output channel instead of a batched matmul (whose blocking may follow the batch).
+    channels = [sum(m[:, i, j].view(-1, 1, 1) * x[:, j] for j in range(3)) for i in range(3)]
+    return torch.stack(channels, dim=1).clamp_(0.0, 1.0)
 
 
-def _color_jitter(x: Tensor, cfg: AugmentConfig) -> Tensor:
-    b, c = x.shape[:2]
-    dev = x.device
-    apply = _rand(b, device=dev) < cfg.jitter_prob
-    y = x
-    if cfg.brightness > 0:
-        f = _uniform(b, max(0.0, 1 - cfg.brightness), 1 + cfg.brightness, dev)
-        y = adjust_brightness(y, f)
-    if cfg.contrast > 0:
-        f = _uniform(b, max(0.0, 1 - cfg.contrast), 1 + cfg.contrast, dev)
-        y = adjust_contrast(y, f)
-    if c == 3 and cfg.saturation > 0:
-        f = _uniform(b, max(0.0, 1 - cfg.saturation), 1 + cfg.saturation, dev)
-        y = adjust_color(y, f)
-    if c == 3 and cfg.hue > 0:
-        y = _hue_rotate(y, _uniform(b, -cfg.hue, cfg.hue, dev))
-    return torch.where(apply.view(-1, 1, 1, 1), y, x)
-
-
-def _blur_kernel_size(size: int) -> int:
+def blur_kernel_size(size: int) -> int:
+    """Gaussian blur window: ~10% of the image side, odd, at least 3 (SimCLR's rule)."""
     k = int(0.1 * size)
     k += 1 - k % 2
     return max(3, k)
 
 
-def _gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+_blur_kernel_size = blur_kernel_size
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """Separable Gaussian blur with a per-sample ``sigma`` [n], reflect padding."""
     n, c, h, w = x.shape
-    k = _blur_kernel_size(min(h, w))
+    k = blur_kernel_size(min(h, w))
     half = k // 2
-    ax = torch.arange(k, device=x.device, dtype=x.dtype) - half
-    kern = torch.exp(-(ax.unsqueeze(0) ** 2) / (2 * sigma.unsqueeze(1) ** 2))
-    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, dim=0)
-    # Folding the batch into channels lets one grouped conv use per-sample kernels.
-    y = x.reshape(1, n * c, h, w)
+    taps = torch.arange(k, device=x.device, dtype=x.dtype) - half
+    kernel = torch.exp(-(taps.unsqueeze(0) ** 2) / (2 * sigma.to(x.device, x.dtype).unsqueeze(1) ** 2))
+    kernel = kernel / kernel.double().sum(1, keepdim=True).to(x.dtype)
+    weights = [kernel[:, t].view(-1, 1, 1, 1) for t in range(k)]
     mode = "reflect" if half < min(h, w) else "replicate"
-    y = F.conv2d(F.pad(y, (half, half, 0, 0), mode=mode), kern.view(n * c, 1, 1, k), groups=n * c)
-    y = F.conv2d(F.pad(y, (0, 0, half, half), mode=mode), kern.view(n * c, 1, k, 1), groups=n * c)
-    return y.view(n, c, h, w)
-
-
-# ---------------------------------------------------------------------------
-# transform objects
-
-
-def check_kind(kind: str) -> None:
-    """Raise ValueError unless ``kind`` is one of :data:`KINDS` (shared with the DALI backend)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown augmentation kind {kind!r}; expected one of {', '.join(KINDS)}")
-
-
-def check_out_size(out_size) -> int | None:
-    """``out_size`` as an int (None stays None); ValueError unless it is a positive integer."""
-    if out_size is not None and (isinstance(out_size, bool) or int(out_size) != out_size or out_size <= 0):
-        raise ValueError(f"out_size must be a positive integer or None, got {out_size!r}")
-    return None if out_size is None else int(out_size)
-
-
-def normalization_stats(mean, std) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel ``(mean, std)`` as float tuples; ValueError on a length mismatch or a non-positive std."""
-    m = tuple(float(v) for v in torch.as_tensor(mean).flatten().tolist())
-    s = tuple(float(v) for v in torch.as_tensor(std).flatten().tolist())
-    if any(v <= 0 for v in s):
-        raise ValueError(f"std must be positive, got {s}")
-    if len(m) != len(s):
-        raise ValueError(f"mean has {len(m)} values but std has {len(s)}")
-    return m, s
-
-
-class _BatchTransform:
-    """Picklable callable ``uint8 [B,C,S,S] -> float32 [B,C,out,out]`` for one kind."""
-
-    def __init__(
-        self,
-        kind: str,
-        cfg: AugmentConfig,
-        mean: Sequence[float],
-        std: Sequence[float],
-        out_size: int | None,
-    ) -> None:
-        self.kind = kind
-        self.cfg = cfg
-        self.mean, self.std = normalization_stats(mean, std)
-        self.out_size = out_size
-        # Per-device cache so CUDA callers do not pay a host->device copy per batch.
-        self._stats: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
-
-    def __repr__(self) -> str:
-        return f"BatchTransform(kind={self.kind!r}, out_size={self.out_size}, cfg={self.cfg})"
-
-    def __getstate__(self) -> dict:
-        state = self.__dict__.copy()
-        state["_stats"] = {}
-        return state
-
-    def _normalize(self, x: Tensor) -> Tensor:
-        c = x.shape[1]
-        key = (str(x.device), c)
-        stats = self._stats.get(key)
-        if stats is None:
-            stats = (_channel_param(self.mean, c, x, "mean"), _channel_param(self.std, c, x, "std"))
-            self._stats[key] = stats
-        return _normalize_unit(x, *stats)
-
-    def _out_hw(self, h: int, w: int) -> tuple[int, int]:
-        return (h, w) if self.out_size is None else (self.out_size, self.out_size)
-
-    def __call__(self, x: Tensor) -> Tensor:
-        x = _to_unit(x)
-        c = x.shape[1]
-        if len(self.mean) != c:
-            raise ValueError(f"mean/std have {len(self.mean)} values but the images have {c} channels")
-        if self.kind == "eval":
-            return self._normalize(self._resize(x))
-        if c not in (1, 3):
-            raise ValueError(f"augmentations need 1 or 3 channels, got {c}")
-        if self.kind == "simclr":
-            return self._simclr(x, self.cfg.crop_scale_min, colour=True, translate=0.0)
-        if self.kind == "weak":
-            scale = max(self.cfg.crop_scale_min, WEAK_MIN_SCALE)
-            return self._simclr(x, scale, colour=False, translate=self.cfg.translate_frac)
-        return self._strong(x)
-
-    def _resize(self, x: Tensor) -> Tensor:
-        h, w = x.shape[-2:]
-        oh, ow = self._out_hw(h, w)
-        if (oh, ow) == (h, w):
-            return x
-        return F.interpolate(x, size=(oh, ow), mode="bilinear", align_corners=False, antialias=True)
-
-    def _simclr(self, x: Tensor, scale_min: float, colour: bool, translate: float) -> Tensor:
-        cfg = self.cfg
-        b, c, h, w = x.shape
-        lin, shift = _crop_flip_affine(b, h, w, scale_min, cfg.crop_ratio, cfg.flip, translate, x.device)
-        # Pure crops stay inside the image, so "border" only removes the
-        # half-pixel darkening at crop edges; translated views fill with 0.
-        pad = "zeros" if translate > 0 else "border"
-        x = _affine(x, lin, shift, padding_mode=pad, size=self._out_hw(h, w))
-        if colour:
-            if cfg.jitter_prob > 0:
-                x = _color_jitter(x, cfg)
-            if c == 3 and cfg.grayscale_prob > 0:
-                gray = _rand(b, device=x.device) < cfg.grayscale_prob
-                x = torch.where(gray.view(-1, 1, 1, 1), _grayscale(x).expand_as(x), x)
-            if cfg.blur_prob > 0:
-                sigma = _uniform(b, 0.1, 2.0, x.device)
-                chosen = (_rand(b, device=x.device) < cfg.blur_prob).nonzero().squeeze(1)
-                if chosen.numel() > 0:
-                    x = x.index_copy(0, chosen, _gaussian_blur(x[chosen], sigma[chosen]))
-        return self._normalize(x)
-
-    def _strong(self, x: Tensor) -> Tensor:
-        cfg = self.cfg
-        x = self._resize(x)
-        b = x.shape[0]
-        dev = x.device
-        if cfg.flip:
-            flip = _rand(b, device=dev) < 0.5
-            x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-        k = cfg.strong_ops
-        if k > 0:
-            n_ops = len(_STRONG_TABLE)
-            op_ids = _randint(n_ops, b, k, device=dev).T
-            u = _rand(b, k, device=dev).T
-            negate = _rand(b, k, device=dev).T < 0.5
-            for slot in range(k):
-                x = self._strong_slot(x, op_ids[slot], u[slot], negate[slot])
-        x = self._normalize(x)
-        side = int(round(cfg.cutout_frac * x.shape[-1]))
-        return cutout(x, side)
-
-    @staticmethod
-    def _strong_slot(x: Tensor, op_ids: Tensor, u: Tensor, negate: Tensor) -> Tensor:
-        # Grouping samples by op id turns 14 masked passes into contiguous
-        # slices, with a single host sync (the counts) per slot.
-        sorted_ids, order = torch.sort(op_ids, stable=True)
-        counts = torch.bincount(sorted_ids, minlength=len(_STRONG_TABLE)).tolist()
-        xs = torch.split(x[order], counts)
-        us = torch.split(u[order].to(x.dtype), counts)
-        negs = torch.split(negate[order], counts)
-        n_col = len(_COLOUR_OPS)
-        outs, geo = [], []
-        for op_id, (entry, part, up, neg) in enumerate(zip(_STRONG_TABLE, xs, us, negs)):
-            if part.shape[0] == 0:
-                continue
-            _name, fn, lo, hi, signed = entry
-            mag = lo + (hi - lo) * up
-            if signed:
-                mag = torch.where(neg, -mag, mag)
-            if op_id < n_col:
-                outs.append(fn(part, mag))
-            else:
-                geo.append((part, *fn(mag, *x.shape[-2:])))
-        if geo:
-            parts, lins, shifts = zip(*geo)
-            outs.append(_affine(torch.cat(parts), torch.cat(lins), torch.cat(shifts)))
-        y = torch.cat(outs)
-        result = torch.empty_like(y)
-        result[order] = y
-        return result
-
-
-def make_transform(
-    kind: str,
-    cfg: AugmentConfig,
-    mean: Sequence[float],
-    std: Sequence[float],
-    out_size: int | None = None,
-) -> Callable[[Tensor], Tensor]:
-    """Build a batched transform ``uint8 [B,C,S,S] -> float32 [B,C,out,out]``.
-
-    ``kind`` is one of ``"simclr"``, ``"weak"``, ``"strong"``, ``"eval"``;
-    ``mean``/``std`` have one value per channel; ``out_size`` (default: the
-    input size) is the square output side.
-    """
-    check_kind(kind)
-    return _BatchTransform(kind, cfg, mean, std, check_out_size(out_size))
+    y = _shifted_sum(F.pad(x, (half, half, 0, 0), mode=mode), weights, h, w, vertical=False)
+    return _shifted_sum(F.pad(y, (0, 0, half, half), mode=mode), weights, h, w, vertical=True)

@@ -1,30 +1,18 @@
-"""Atomic stage checkpoints for exact resume: model/optimiser states, loop position, running sums, RNG states.
+"""Atomic stage checkpoints for exact resume: model/optimiser states, loop position, running sums.
 
 A checkpoint records the hash of the stage's configuration; one written under another configuration is ignored,
-so a changed setting never resumes from stale state. Everything is a plain dict of tensors and numbers, so
-`torch.load(weights_only=True)` reads it.
+so a changed setting never resumes from stale state. No RNG state is kept: every random choice of a training step
+is a counter-based function of (seed, stage, epoch, sample index) (data/sampling.py), so the loop position says it
+all, and a checkpoint resumes identically on any number of processes. Everything is a plain dict of tensors and
+numbers, so `torch.load(weights_only=True)` reads it.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from ..io_utils import load_torch, save_torch
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def save_checkpoint(path: Path, config_hash: str, position: dict[str, Any], stateful: dict[str, Any]) -> None:
@@ -32,7 +20,6 @@ def save_checkpoint(path: Path, config_hash: str, position: dict[str, Any], stat
     payload = {
         "config_hash": config_hash,
         "position": position,
-        "rng": rng_state(),
         "state": {name: obj.state_dict() if hasattr(obj, "state_dict") else obj for name, obj in stateful.items()},
     }
     save_torch(path, payload)
@@ -57,5 +44,4 @@ def restore(payload: dict[str, Any], stateful: dict[str, Any]) -> dict[str, Any]
             target.load_state_dict(saved)
         else:
             plain[name] = saved
-    set_rng_state(payload["rng"])
     return plain

@@ -95,3 +95,12 @@ def broadcast_object(obj: Any) -> Any:
     holder = [obj]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def all_gather_object(obj: Any) -> list:
+    """Every rank's `obj`, in rank order, on every rank (small objects: counts, short lists)."""
+    if not active():
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,10 +1,15 @@
-"""Pieces several stages share: optimiser construction and batched inference over an image set."""
+"""Pieces several stages share: optimiser construction and batched inference over a split."""
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..data.loaders import ViewSpec
 from ..dist import comm
+from ..dist.shared_rows import SharedRows
 
 
 def make_optimizer(name: str, groups: list[dict], weight_decay: float, momentum: float) -> torch.optim.Optimizer:
@@ -14,20 +19,38 @@ def make_optimizer(name: str, groups: list[dict], weight_decay: float, momentum:
 
 
 @torch.no_grad()
-def infer(ctx, fn, images: torch.Tensor, desc: str, transform_kind: str = "eval") -> torch.Tensor:
-    """Apply `fn` to normalised batches of `images` (no augmentation) and concatenate the outputs on the CPU.
+def infer(ctx, fn, split: str, desc: str, out_path, spec: ViewSpec | None = None, dtype=np.float32) -> np.ndarray:
+    """Apply `fn` to every image of `split` (in view `spec`, default the un-augmented eval view) and return the
+    outputs as a read-only memory map of `out_path` (a .npy written atomically): row i is image i.
 
-    fn returns [B, ...] or [H, B, ...] (heads first); both come back in the same layout with all images, row i
-    being image i. With N processes each rank infers its contiguous shard and the shards are all-gathered in rank
-    order, so every rank gets the whole result.
+    fn returns [B, ...] or [H, B, ...] (heads first); heads-first outputs are stored rows-first ([N, H, ...]) and
+    returned as the [H, N, ...] view. With N processes each rank infers its contiguous shard and writes its rows
+    into the shared file; nothing is gathered into memory (at ImageNet scale the outputs are GBs).
     """
-    view = ctx.transform(transform_kind)
-    batch_size = ctx.cfg.run.eval_batch_size
-    first, stop = comm.shard_range(len(images))
-    starts = range(first, stop, batch_size) if stop > first else [first]  # an empty shard still yields a shape
-    outputs = []
-    for start in tqdm(starts, desc=desc, unit="batch", leave=False,
-                      disable=not (ctx.cfg.run.progress and comm.is_main()), dynamic_ncols=True):
-        outputs.append(fn(view(images[start:min(start + batch_size, stop)])).float().cpu())
-    heads_first = outputs[0].dim() == 3
-    return comm.gather_rows(torch.cat(outputs, dim=1 if heads_first else 0), dim=1 if heads_first else 0)
+    reader = ctx.reader(split)
+    source = ctx.inference_batches(split, [spec] if spec else None)
+    sample = fn(source.build_now(np.array([0]))["views"][0])  # the output shape, before any file exists
+    heads_first = sample.dim() == 3
+    row_shape = (sample.shape[0], *sample.shape[2:]) if heads_first else tuple(sample.shape[1:])
+    out = SharedRows(Path(out_path), len(reader), row_shape, dtype)
+    start, _ = comm.shard_range(len(reader))
+    try:
+        for batch in tqdm(source, desc=desc, unit="batch", leave=False, total=len(source),
+                          disable=not (ctx.cfg.run.progress and comm.is_main()), dynamic_ncols=True):
+            values = fn(batch["views"][0]).float()
+            if heads_first:
+                values = values.transpose(0, 1)
+            out.write(start + int(batch["index"][0]), values.cpu().numpy())
+    except BaseException:
+        out.abort()
+        raise
+    finally:
+        source.close()
+    result = out.close()
+    return np.swapaxes(result, 0, 1) if heads_first else result
+
+
+def load_rows(array: np.ndarray, rows=None) -> torch.Tensor:
+    """A writable float32 tensor copy of (rows of) a memory-mapped array."""
+    part = array if rows is None else array[rows]
+    return torch.from_numpy(np.array(part, dtype=np.float32))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch.nn.functional as F
 
-from ..io_utils import save_numpy
+from ..errors import DataError
 from ..models import build
 from .common import infer
 
@@ -20,10 +20,11 @@ def run(cfg, ctx, config_hash: str) -> dict:
             return F.normalize(model.backbone(x), dim=1)
     out_dir = ctx.stage_dir("embed")
     artifacts = {}
-    for split, imageset in (("train", ctx.train_set), ("eval", ctx.eval_set)):
-        features = infer(ctx, embed_fn, imageset.images, desc=f"embed {split}").numpy().astype(np.float32)
-        path = out_dir / f"{split}.npy"
-        if ctx.is_main:
-            save_numpy(path, features)
+    for split in ("train", "eval"):
+        path = out_dir / f"{split}.npy"  # every rank writes its rows; memory-mapped by the mine stage
+        features = infer(ctx, embed_fn, split, desc=f"embed {split}", out_path=path)
+        if not np.isfinite(features[: min(len(features), 4096)]).all():
+            raise DataError(f"embed: the pretext model's {split} features are not finite (NaN/inf); the pretext "
+                            "stage diverged -- lower pretext.lr and rerun")
         artifacts[split] = str(path)
     return {"artifacts": artifacts, "metrics": {"dim": int(features.shape[1])}}

@@ -2,19 +2,23 @@
 
 Labels are used here only. Writes assignments.csv, confusion.png and prototypes.png to the run folder; the pipeline
 then writes metrics.json and report.md from every stage's results. Also scores the SCAN model's heads (a
-diagnostic of the label-free head selection) and a k-means-on-pixels baseline in the same run.
+diagnostic of the label-free head selection, from the logits the SCAN stage stored) and a k-means-on-pixels
+baseline in the same run, on at most KMEANS_MAX_IMAGES evaluation images downsampled to at most
+KMEANS_MAX_SIDE pixels a side, so its cost is bounded whatever the dataset.
 """
 from __future__ import annotations
 
 import csv
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .. import metrics as M
 from .. import report
 from ..io_utils import atomic_path, load_torch
-from ..models import build
 from .common import infer
+from .scan import EVAL_LOGITS
 from .selflabel import load_scan_model
 
 
@@ -26,26 +30,28 @@ def final_model(cfg, ctx):
     return load_scan_model(cfg, ctx)
 
 
-def write_assignments(path, imageset, predictions, confidence) -> None:
+KMEANS_MAX_IMAGES = 20000
+KMEANS_MAX_SIDE = 32
+
+
+def write_assignments(path, reader, predictions, confidence) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        key = "path" if imageset.names is not None else "index"
-        writer.writerow([key, "cluster", "confidence"])
-        ids = imageset.names if imageset.names is not None else range(len(imageset))
-        for ident, cluster, conf in zip(ids, predictions.tolist(), confidence.tolist()):
-            writer.writerow([ident, cluster, f"{conf:.6f}"])
+        names = reader.names
+        writer.writerow(["path" if names is not None else "index", "cluster", "confidence"])
+        for i, (cluster, conf) in enumerate(zip(predictions.tolist(), confidence.tolist())):
+            writer.writerow([names[i].decode() if names is not None else i, cluster, f"{conf:.6f}"])
 
 
 def run(cfg, ctx, config_hash: str) -> dict:
     eval_set = ctx.eval_set
     model = ctx.prepare_model(final_model(cfg, ctx)).eval()
-    probs = infer(ctx, model, eval_set.images, desc="evaluate")[0].softmax(dim=1)
-    targets = eval_set.targets
-    labelled = targets is not None and bool((targets >= 0).any())
-    # every rank infers its shard; (logits of every head, the head the label-free rule selected)
-    scan_heads = _scan_head_logits(cfg, ctx) if labelled else None
+    logits = infer(ctx, model, "eval", desc="evaluate", out_path=ctx.stage_dir("evaluate") / "final_logits.npy")[0]
     if not ctx.is_main:
         return {"artifacts": {}, "metrics": {}}
+    probs = torch.from_numpy(np.array(logits)).softmax(dim=1)
+    targets = eval_set.targets
+    labelled = targets is not None and bool((targets >= 0).any())
     confidence, predictions = probs.max(dim=1)
     run_dir = ctx.run_dir
     write_assignments(run_dir / "assignments.csv", eval_set, predictions, confidence)
@@ -58,18 +64,33 @@ def run(cfg, ctx, config_hash: str) -> dict:
         report.write_confusion_png(run_dir / "confusion.png", confusion, eval_set.class_names,
                                    title=f"{cfg.name}: ACC {results['final']['acc']:.3f}")
         cluster_names = _cluster_names(mapping, eval_set.class_names, cfg.num_clusters)
-        results["scan_heads"] = _score_scan_heads(*scan_heads, targets)
+        results["scan_heads"] = _score_scan_heads(ctx, targets)
         if cfg.run.baseline:
-            results["kmeans_pixels"] = M.kmeans_baseline(eval_set.images, targets, cfg.num_clusters,
-                                                         seed=cfg.run.seed)
+            results["kmeans_pixels"] = kmeans_pixels(cfg, ctx, targets)
     else:
         results["final"] = {"acc": None, "nmi": None, "ari": None, "ami": None}
         report.write_confusion_png(run_dir / "confusion.png", _cluster_sizes(predictions, cfg.num_clusters),
                                    None, title=f"{cfg.name}: cluster sizes (no labels)")
         cluster_names = None
-    report.write_prototypes_png(run_dir / "prototypes.png", eval_set.images, predictions.numpy(),
-                                confidence.numpy(), cfg.num_clusters, cluster_names=cluster_names)
+    report.write_prototypes_png(run_dir / "prototypes.png", lambda rows: ctx.eval_images("eval", rows),
+                                predictions.numpy(), confidence.numpy(), cfg.num_clusters, cluster_names=cluster_names)
     return {"artifacts": {"assignments": str(run_dir / "assignments.csv")}, "metrics": results}
+
+
+def kmeans_pixels(cfg, ctx, targets) -> dict:
+    """k-means on the pixels of (up to KMEANS_MAX_IMAGES evenly spaced, downsampled) evaluation images."""
+    count = min(len(ctx.eval_set), KMEANS_MAX_IMAGES)
+    rows = np.unique(np.linspace(0, len(ctx.eval_set) - 1, num=count).astype(np.int64))
+    parts = []
+    for start in range(0, len(rows), 1024):
+        images = ctx.eval_images("eval", rows[start:start + 1024])
+        if images.shape[-1] > KMEANS_MAX_SIDE:
+            images = F.interpolate(images.float(), size=(KMEANS_MAX_SIDE, KMEANS_MAX_SIDE), mode="bilinear",
+                                   antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
+        parts.append(images)
+    result = M.kmeans_baseline(torch.cat(parts), targets[rows], cfg.num_clusters, seed=cfg.run.seed)
+    result["num_images"] = int(len(rows))
+    return result
 
 
 def _cluster_names(mapping: dict, class_names, num_clusters: int):
@@ -82,16 +103,12 @@ def _cluster_sizes(predictions: torch.Tensor, num_clusters: int):
     return torch.bincount(predictions, minlength=num_clusters).numpy()[None, :]
 
 
-def _scan_head_logits(cfg, ctx) -> tuple[torch.Tensor, int]:
-    """([H, N, C] logits of every SCAN head on the evaluation images, the selected head), one read of the file."""
+def _score_scan_heads(ctx, targets) -> dict:
+    """Every SCAN head's accuracy next to the one the label-free rule selected (diagnostic only), from the logits
+    of every head on the evaluation images that the SCAN stage stored (read a chunk of rows at a time)."""
     saved = load_torch(ctx.run_dir / "scan" / "model.pt")
-    model = build.cluster_model(cfg, ctx, cfg.scan.num_heads)
-    model.load_state_dict(saved["model"])
-    model = ctx.prepare_model(model).eval()
-    return infer(ctx, model, ctx.eval_set.images, desc="score heads"), int(saved["best_head"])
-
-
-def _score_scan_heads(logits: torch.Tensor, best: int, targets) -> dict:
-    """Every SCAN head's accuracy next to the one the label-free rule selected (diagnostic only)."""
-    heads = [M.cluster_metrics(targets, head.argmax(dim=1).numpy()) for head in logits]
+    logits = np.load(ctx.run_dir / "scan" / EVAL_LOGITS, mmap_mode="r")  # [N, H, C]
+    predictions = np.concatenate([np.asarray(logits[i:i + 4096]).argmax(axis=2) for i in range(0, len(logits), 4096)])
+    heads = [M.cluster_metrics(targets, predictions[:, h]) for h in range(predictions.shape[1])]
+    best = int(saved["best_head"])
     return {"selected_head": best, "selected": heads[best], "acc_per_head": [h["acc"] for h in heads]}

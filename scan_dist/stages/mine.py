@@ -14,36 +14,76 @@ from .. import kernels
 from ..dist import comm
 from ..io_utils import save_numpy, save_torch
 from ..metrics import neighbor_agreement
+from .common import infer, load_rows
 
 
-def fit_pixel_pca(train_images: torch.Tensor, dims: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(mean [1, P], basis [P, dims]) of the flattened training pixels in [0, 1]."""
-    flat = train_images.reshape(len(train_images), -1).float() / 255.0
+# The pixel PCA is fitted on at most this many evenly spaced training images, and on at most PCA_FIT_BYTES of
+# float32 pixels (ImageNet-size inputs hold 150k values per image: ~3,500 images then). Projection covers them all.
+PCA_MAX_IMAGES = 65536
+PCA_FIT_BYTES = 2 << 30
+
+
+def fit_pixel_pca(flat: torch.Tensor, dims: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean [1, P], basis [P, dims]) of flattened pixels in [0, 1]."""
     mean = flat.mean(dim=0, keepdim=True)
+    generator_state = torch.get_rng_state()
     torch.manual_seed(seed)  # pca_lowrank is randomised
-    _, _, basis = torch.pca_lowrank(flat - mean, q=dims, center=False, niter=4)
+    try:
+        _, _, basis = torch.pca_lowrank(flat - mean, q=dims, center=False, niter=4)
+    finally:
+        torch.set_rng_state(generator_state)
     return mean, basis
 
 
-def project_pixels(images: torch.Tensor, mean: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-    return ((images.reshape(len(images), -1).float() / 255.0) - mean) @ basis
+def pixel_pca(cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fit the pixel PCA on a bounded, evenly spaced sample of the training images (rank 0; broadcast)."""
+    reader = ctx.train_set
+    channels, height, width = ctx.pixel_shape
+    pixels = channels * height * width
+    count = min(len(reader), PCA_MAX_IMAGES, max(4 * ctx.pca_dims, PCA_FIT_BYTES // (4 * pixels)))
+    if not comm.is_main():
+        return comm.broadcast_object(None)
+    rows = np.unique(np.linspace(0, len(reader) - 1, num=count).astype(np.int64))
+    source = ctx.inference_batches("train")
+    mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in ctx.normalization)
+    chunks = [(source.build_now(rows[i:i + 4096])["views"][0].cpu().float() * std + mean).flatten(1)
+              for i in range(0, len(rows), 4096)]
+    source.close()
+    return comm.broadcast_object(fit_pixel_pca(torch.cat(chunks), ctx.pca_dims, cfg.run.seed))
 
 
 def search_space(cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
     """(train, eval) vectors, L2-normalised, in the space named by mine.features."""
     parts_train, parts_eval = [], []
     if cfg.mine.features in ("pretext", "both"):
-        parts_train.append(torch.from_numpy(np.load(ctx.run_dir / "embed" / "train.npy")))
-        parts_eval.append(torch.from_numpy(np.load(ctx.run_dir / "embed" / "eval.npy")))
+        parts_train.append(load_rows(np.load(ctx.run_dir / "embed" / "train.npy", mmap_mode="r")))
+        parts_eval.append(load_rows(np.load(ctx.run_dir / "embed" / "eval.npy", mmap_mode="r")))
     if cfg.mine.features in ("pixels", "both"):
-        mean, basis = fit_pixel_pca(ctx.train_set.images, ctx.pca_dims, cfg.run.seed)
+        pca_mean, basis = pixel_pca(cfg, ctx)
         if ctx.is_main:  # read by scan.features=mined
-            save_torch(ctx.stage_dir("mine") / "pca.pt", {"mean": mean, "basis": basis})
-        for images, parts in ((ctx.train_set.images, parts_train), (ctx.eval_set.images, parts_eval)):
-            parts.append(project_pixels(images, mean, basis))
+            save_torch(ctx.stage_dir("mine") / "pca.pt", {"mean": pca_mean, "basis": basis})
+        mean, std = ctx.normalization
+        projector = PixelProjection(pca_mean, basis, mean, std).to(ctx.device)
+        for split, parts in (("train", parts_train), ("eval", parts_eval)):
+            parts.append(load_rows(infer(ctx, projector, split, desc=f"pixel PCA {split}",
+                                         out_path=ctx.stage_dir("mine") / f"{split}_pixel_pca.npy")))
     train = torch.cat([F.normalize(p.float(), dim=1) for p in parts_train], dim=1)
     evals = torch.cat([F.normalize(p.float(), dim=1) for p in parts_eval], dim=1)
     return F.normalize(train, dim=1), F.normalize(evals, dim=1)
+
+
+class PixelProjection(torch.nn.Module):
+    """Normalised images -> PCA coordinates of their [0, 1] pixels."""
+
+    def __init__(self, pca_mean, basis, mean, std):
+        super().__init__()
+        self.register_buffer("pca_mean", pca_mean.reshape(1, -1))
+        self.register_buffer("basis", basis)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return ((images.float() * self.std + self.mean).flatten(1) - self.pca_mean) @ self.basis
 
 
 def drop_self(index: torch.Tensor, k: int) -> torch.Tensor:

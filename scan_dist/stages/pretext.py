@@ -7,7 +7,8 @@ from ..io_utils import save_torch
 from ..losses import nt_xent
 from ..models import build
 from ..models.pretrained import load_pretrained_backbone
-from ..trainer import Schedule, run_epochs, steps_per_epoch
+from ..data.loaders import ViewSpec
+from ..trainer import Schedule, run_epochs
 from .common import make_optimizer
 
 ARTIFACT = "model.pt"
@@ -33,10 +34,10 @@ def run(cfg, ctx, config_hash: str) -> dict:
 
 def _train(cfg, ctx, model, config_hash: str) -> list[dict]:
     p = cfg.pretext
-    images = ctx.train_set.images
-    view = ctx.transform("simclr")
+    source = ctx.batches("train", [ViewSpec("simclr", "pretext", 0), ViewSpec("simclr", "pretext", 1)],
+                         p.batch_size, "pretext")
     optimizer = make_optimizer(p.optimizer, [{"params": model.parameters(), "lr": p.lr}], p.weight_decay, p.momentum)
-    per_epoch = steps_per_epoch(len(images), p.batch_size)
+    per_epoch = source.sampler.steps
     schedule = Schedule([p.lr], total_steps=p.epochs * per_epoch, warmup_steps=int(p.warmup_epochs * per_epoch),
                         cosine=True, min_ratio=p.min_lr_ratio)
     model.train()
@@ -44,14 +45,12 @@ def _train(cfg, ctx, model, config_hash: str) -> list[dict]:
     # Negatives come from the whole global batch: embeddings are all-gathered with their gradients.
     gather = (lambda z: engine.all_gather(z, grad=True)) if engine.world_size > 1 else None
 
-    def step(indices: torch.Tensor) -> dict:
-        batch = images[indices]
-        views = torch.cat([view(batch), view(batch)])
-        z = engine(views)
-        loss = nt_xent(z[: len(indices)], z[len(indices):], p.temperature, gather=gather, rank=engine.rank)
+    def step(batch: dict) -> dict:
+        first, second = batch["views"]
+        z = engine(torch.cat([first, second]))
+        loss = nt_xent(z[: len(first)], z[len(first):], p.temperature, gather=gather, rank=engine.rank)
         engine.backward(loss)
         engine.step()
         return {"loss": loss.detach()}
 
-    return run_epochs(ctx, "pretext", config_hash, {"engine": engine}, len(images),
-                      p.batch_size, p.epochs, step, engine, schedule)
+    return run_epochs(ctx, "pretext", config_hash, {"engine": engine}, source, p.epochs, step, engine, schedule)

@@ -1,14 +1,16 @@
 """Stage 4, SCAN: cluster heads trained so an image and its mined neighbours agree, with an entropy term.
 
 `scan.mode=full` trains backbone and heads on augmented views of the anchor and of a sampled neighbour (the
-paper's CIFAR/STL recipe); `scan.mode=head` trains only the heads on frozen backbone features (the paper's ImageNet
-recipe; seconds per epoch). `scan.mode=cached` also trains only the heads, but on frozen features of fixed
-augmented views: the backbone runs once per image and view (`scan.cached_views` views of kind `scan.view`, plus the
-un-augmented view 0) into an fp16 memory-mapped cache under `<run>/scan/cache/` (see feature_cache.py), and every
-step gathers rows from it. Each anchor and each sampled neighbour draws its own view uniformly from the augmented
-views 1..V (as the paper augments both); view 0, the un-augmented image, is used only when V = 0 (then it equals
-mode=head) and is kept for consumers of plain features. The head kept is the one with the lowest SCAN loss on the
-evaluation images (un-augmented) and their own mined neighbours — the paper's label-free selection rule.
+paper's CIFAR/STL recipe); the loader workers build both views. `scan.mode=head` trains only the heads on frozen,
+un-augmented backbone features; `scan.mode=cached` also trains only the heads, on frozen features of fixed
+augmented views (the paper's ImageNet recipe): the backbone runs once per image and view (`scan.cached_views`
+views of kind `scan.view`, plus the un-augmented view 0) into a memory-mapped cache under `<run>/scan/cache/` (see
+feature_cache.py; mode=head is that cache with no augmented view, in fp32), and every step gathers rows from it.
+Each anchor and each sampled neighbour draws its own view uniformly from the augmented views 1..V (as the paper
+augments both). Every choice (order, partner, view) is a counter-based function of (seed, "scan", epoch, anchor).
+
+The head kept is the one with the lowest SCAN loss on the evaluation images (un-augmented) and their own mined
+neighbours -- the paper's label-free selection rule -- computed in chunks over a memory-mapped logits file.
 """
 from __future__ import annotations
 
@@ -16,40 +18,56 @@ import numpy as np
 import torch
 
 from .. import kernels
-from ..data import batch_rng
+from ..data import sampling
+from ..data.loaders import EpochRequests, Partners, ViewSpec, sample_partners
+from ..dist import comm
 from ..io_utils import load_torch, save_torch
 from ..losses import scan_objective
 from ..models import build
-from ..trainer import Schedule, run_epochs, steps_per_epoch
+from ..trainer import IndexSource, Schedule, run_epochs
 from .common import infer, make_optimizer
 from .feature_cache import build_cache
 
 
-def sample_neighbors(indices: torch.Tensor, neighbors: torch.Tensor) -> torch.Tensor:
-    """A partner per anchor, uniform over its k neighbours and itself (the paper samples the image itself too)."""
-    k = neighbors.shape[1]
-    pick = batch_rng.randint(k + 1, len(indices))  # drawn for the global batch: the same partners on N ranks
-    partners = neighbors[indices, pick.clamp(max=k - 1)]
-    return torch.where(pick == k, indices, partners)
+# View numbers of the counter-based draws that pick a cached view for an anchor and for its partner.
+ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW = 250, 251
 
 
-def draw_views(count: int, views: int) -> torch.Tensor:
-    """A cached view per row: uniform over the augmented views 1..`views`; all view 0 when `views` is 0.
-
-    Drawn with batch_rng, so N processes draw for their rows what one process draws for them.
-    """
+def draw_views(key: int, anchors: np.ndarray, slot: int, views: int) -> torch.Tensor:
+    """A cached view per row: uniform over the augmented views 1..`views` (0 when `views` is 0), drawn from the
+    counter-based stream `key` for the row's anchor and `slot` (ANCHOR_VIEW_DRAW or PARTNER_VIEW_DRAW)."""
     if views == 0:
-        return torch.zeros(count, dtype=torch.long)
-    return batch_rng.randint(views, count) + 1
+        return torch.zeros(len(anchors), dtype=torch.long)
+    u = sampling.uniform(key, anchors, slot)
+    return torch.from_numpy(np.minimum(np.floor(u * views).astype(np.int64), views - 1) + 1)
 
 
-def selection_losses(logits: torch.Tensor, neighbors: torch.Tensor, entropy_weight: float) -> torch.Tensor:
-    """Per-head SCAN loss over every (image, neighbour) pair of the evaluation set: lower is better."""
+def selection_losses(logits, neighbors, entropy_weight: float, chunk: int = 2048, eps: float = 1e-8) -> torch.Tensor:
+    """Per-head SCAN loss over every (image, neighbour) pair of the evaluation set: lower is better.
+
+    `logits` [H, N, C] (tensor or a memory-mapped array) and `neighbors` [N, k] are read a chunk of anchors at a
+    time: the consistency term sums over pairs, and the entropy's mean prediction over the anchors repeated k times
+    is the mean over the anchors. Memory is O(chunk * k * H * C), not O(N * k * H * C).
+    """
+    heads, num, _ = logits.shape
+    neighbors = np.asarray(neighbors)
     k = neighbors.shape[1]
-    anchors = logits.repeat_interleave(k, dim=1)
-    partners = logits[:, neighbors.reshape(-1)]
-    total, _, _ = kernels.scan_loss(anchors, partners, entropy_weight)
-    return total
+    consistency_sum = torch.zeros(heads, dtype=torch.float64)
+    prob_sum = None
+    for start in range(0, num, chunk):
+        stop = min(start + chunk, num)
+        anchors = torch.as_tensor(np.array(logits[:, start:stop], dtype=np.float32))
+        flat = neighbors[start:stop].reshape(-1)
+        order = np.argsort(flat, kind="stable")  # read the partner rows in file order, then put them back
+        partners = torch.empty(heads, len(flat), anchors.shape[2])
+        partners[:, torch.from_numpy(order)] = torch.as_tensor(np.array(logits[:, flat[order]], dtype=np.float32))
+        _, consistency, _ = kernels.scan_loss(anchors.repeat_interleave(k, dim=1), partners, 0.0)
+        consistency_sum += consistency.double() * len(flat)
+        probs = torch.softmax(anchors, dim=-1).double().sum(dim=1)
+        prob_sum = probs if prob_sum is None else prob_sum + probs
+    pbar = prob_sum / num
+    entropy = -(pbar * torch.log(pbar.clamp_min(eps))).sum(dim=-1)
+    return (consistency_sum / (num * k) - float(entropy_weight) * entropy).float()
 
 
 def load_mined_space(cfg, ctx, space) -> None:
@@ -69,14 +87,14 @@ def run(cfg, ctx, config_hash: str) -> dict:
         load_mined_space(cfg, ctx, model.backbone)
     elif s.init == "pretext":
         build.load_backbone_from(model.backbone, ctx.run_dir / "pretext" / "model.pt")
-    neighbors = torch.from_numpy(np.load(ctx.run_dir / "mine" / "train_neighbors.npy"))
+    neighbors_path = ctx.run_dir / "mine" / "train_neighbors.npy"
 
     train = {"full": _train_full, "head": _train_heads, "cached": _train_cached}[s.mode]
-    history = train(cfg, ctx, model, neighbors, config_hash)
+    history = train(cfg, ctx, model, neighbors_path, config_hash)
 
     model.eval()
-    eval_logits = infer(ctx, model, ctx.eval_set.images, desc="scan select")
-    eval_neighbors = torch.from_numpy(np.load(ctx.run_dir / "mine" / "eval_neighbors.npy"))
+    eval_logits = infer(ctx, model, "eval", desc="scan select", out_path=ctx.stage_dir("scan") / EVAL_LOGITS)
+    eval_neighbors = np.load(ctx.run_dir / "mine" / "eval_neighbors.npy", mmap_mode="r")
     losses = selection_losses(eval_logits, eval_neighbors, s.select_entropy_weight)
     best = int(torch.argmin(losses))
     ctx.log.info("scan: head selection losses %s -> head %d", [round(float(v), 4) for v in losses], best)
@@ -86,7 +104,11 @@ def run(cfg, ctx, config_hash: str) -> dict:
     metrics = {"best_head": best, "selection_losses": [float(v) for v in losses]}
     if history:
         metrics.update({f"final_{k}": v for k, v in history[-1].items()})
-    return {"artifacts": {"model": str(out)}, "metrics": metrics}
+    return {"artifacts": {"model": str(out), "eval_logits": str(ctx.stage_dir("scan") / EVAL_LOGITS)},
+            "metrics": metrics}
+
+
+EVAL_LOGITS = "eval_logits.npy"  # [N_eval, H, C] float32: every head on the un-augmented evaluation images
 
 
 def _optimizer(cfg, model):
@@ -98,14 +120,14 @@ def _optimizer(cfg, model):
     return optimizer, [g["lr"] for g in groups]
 
 
-def _scan_step(logits_fn, engine, neighbors, entropy_weight, loss_backend):
-    """One SCAN step; `logits_fn(anchors, partners)` returns the logits of both, anchors first."""
+def _scan_step(logits_fn, engine, entropy_weight, loss_backend):
+    """One SCAN step; `logits_fn(batch)` returns the logits of anchors and partners, anchors first."""
 
-    def step(indices):
-        partners = sample_neighbors(indices, neighbors)
-        logits = logits_fn(indices, partners)
+    def step(batch):
+        logits = logits_fn(batch)
+        half = logits.shape[1] // 2
         # pbar is the mean over the global batch; every rank gets the global loss, hence scale = world size.
-        loss, total, consistency, entropy = scan_objective(logits[:, : len(indices)], logits[:, len(indices):],
+        loss, total, consistency, entropy = scan_objective(logits[:, :half], logits[:, half:],
                                                            entropy_weight, process_group=engine.process_group,
                                                            backend=loss_backend)
         engine.backward(loss, scale=engine.world_size)
@@ -116,56 +138,59 @@ def _scan_step(logits_fn, engine, neighbors, entropy_weight, loss_backend):
     return step
 
 
-def _train_full(cfg, ctx, model, neighbors, config_hash):
+def _train_full(cfg, ctx, model, neighbors_path, config_hash):
     s = cfg.scan
-    images = ctx.train_set.images
-    view = ctx.transform(s.view)
+    specs = [ViewSpec(s.view, "scan", 0), ViewSpec(s.view, "scan", 1, rows="partner")]
+    source = ctx.batches("train", specs, s.batch_size, "scan", partners=Partners(str(neighbors_path), "scan"))
     optimizer, lrs = _optimizer(cfg, model)
-    schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(len(images), s.batch_size))
+    schedule = Schedule(lrs, total_steps=s.epochs * source.sampler.steps)
     model.train()
     engine = ctx.engine(model, optimizer)
-    step = _scan_step(lambda anchors, partners: engine(torch.cat([view(images[anchors]), view(images[partners])])),
-                      engine, neighbors, s.entropy_weight, s.loss_backend)
-    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, len(images),
-                      s.batch_size, s.epochs, step, engine, schedule)
+    step = _scan_step(lambda batch: engine(torch.cat(batch["views"])), engine, s.entropy_weight, s.loss_backend)
+    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, source, s.epochs, step, engine, schedule)
 
 
-def _train_heads(cfg, ctx, model, neighbors, config_hash):
+def _train_heads(cfg, ctx, model, neighbors_path, config_hash):
     model.eval()  # frozen backbone: BatchNorm keeps its running statistics, as in the paper's head-only mode
-    features = infer(ctx, model.backbone, ctx.train_set.images, desc="scan features").to(ctx.device)
-    return train_on_features(cfg, ctx, model, neighbors, config_hash,
-                             lambda views, rows: features[rows.to(ctx.device)], len(features), views=0)
+    cache = build_cache(ctx, model.backbone, 0, "eval", ctx.stage_dir("scan") / "cache", dtype="float32")
+    return train_on_features(cfg, ctx, model, neighbors_path, config_hash, cache.get, cache.num_items, views=0)
 
 
-def _train_cached(cfg, ctx, model, neighbors, config_hash):
+def _train_cached(cfg, ctx, model, neighbors_path, config_hash):
     s = cfg.scan
     model.eval()  # frozen backbone (BatchNorm with running statistics), as in mode=head
-    cache = build_cache(ctx, model.backbone, ctx.train_set.images, s.cached_views, s.view,
-                        ctx.stage_dir("scan") / "cache")
-    return train_on_features(cfg, ctx, model, neighbors, config_hash, cache.get, cache.num_items,
+    cache = build_cache(ctx, model.backbone, s.cached_views, s.view, ctx.stage_dir("scan") / "cache")
+    return train_on_features(cfg, ctx, model, neighbors_path, config_hash, cache.get, cache.num_items,
                              views=s.cached_views)
 
 
-def train_on_features(cfg, ctx, model, neighbors, config_hash, features_fn, num_items: int, views: int):
+def train_on_features(cfg, ctx, model, neighbors_path, config_hash, features_fn, num_items: int, views: int):
     """Train `model.heads` (only) on frozen features: `features_fn(views, rows)` returns the float32 features of
-    image rows[j] in view views[j] on the device. Anchors and sampled neighbours each draw a view (`draw_views`,
-    anchors first) after the neighbour draw; `views=0` draws nothing (every row view 0: mode=head)."""
+    image rows[j] in view views[j] on the device."""
     s = cfg.scan
+    sampler = EpochRequests(num_items, s.batch_size, cfg.run.seed, "scan", comm.rank(), comm.world_size())
     optimizer, lrs = _optimizer(cfg, model)
-    schedule = Schedule(lrs, total_steps=s.epochs * steps_per_epoch(num_items, s.batch_size))
+    schedule = Schedule(lrs, total_steps=s.epochs * sampler.steps)
     engine = ctx.engine(model.heads, optimizer)  # only the heads train: only they are wrapped
-    step = _scan_step(feature_logits(engine, features_fn, views), engine, neighbors, s.entropy_weight,
-                      s.loss_backend)
-    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, num_items, s.batch_size, s.epochs, step, engine,
+    neighbors = np.load(neighbors_path, mmap_mode="r")
+    step = _scan_step(feature_logits(engine, features_fn, neighbors, cfg.run.seed, views), engine,
+                      s.entropy_weight, s.loss_backend)
+    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, IndexSource(sampler), s.epochs, step, engine,
                       schedule)
 
 
-def feature_logits(engine, features_fn, views: int):
-    """`logits_fn(anchors, partners)` for `_scan_step` on stored features: a view per row (anchors' draws first),
-    the rows' features gathered, the heads (wrapped by `engine`) applied to anchors and partners in one batch."""
+def feature_logits(engine, features_fn, neighbors, seed: int, views: int):
+    """`logits_fn(batch)` for `_scan_step` on stored features: a partner per anchor and a view per row (all
+    counter-based draws of (seed, "scan", epoch, anchor)), the rows' features gathered, the heads (wrapped by
+    `engine`) applied to anchors and partners in one batch."""
 
-    def logits(anchors, partners):
-        chosen = torch.cat([draw_views(len(anchors), views), draw_views(len(partners), views)])
-        return engine(features_fn(chosen, torch.cat([anchors, partners])))
+    def logits(batch):
+        anchors = batch["index"].numpy()
+        key = sampling.stream_key(seed, "scan", batch["epoch"])
+        partners = sample_partners(neighbors, key, anchors)
+        chosen = torch.cat([draw_views(key, anchors, ANCHOR_VIEW_DRAW, views),
+                            draw_views(key, anchors, PARTNER_VIEW_DRAW, views)])
+        rows = torch.from_numpy(np.concatenate([anchors, partners]))
+        return engine(features_fn(chosen, rows))
 
     return logits

@@ -10,13 +10,16 @@ import copy
 
 import torch
 
+from ..data import sampling
+from ..data.loaders import EpochRequests, ViewSpec
+from ..dist import comm
 from ..io_utils import load_torch, save_torch
 from ..losses import confident_targets, self_label_loss
 from ..models import build
-from ..trainer import Schedule, run_epochs, steps_per_epoch
+from ..trainer import IndexSource, Schedule, run_epochs
 from .common import make_optimizer
 from .feature_cache import build_cache
-from .scan import draw_views
+from .scan import ANCHOR_VIEW_DRAW, draw_views
 
 
 def load_scan_model(cfg, ctx):
@@ -37,22 +40,23 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
 
 
 def self_label_step(engine, weak_input, strong_input, teacher_fn, threshold: float, class_balance: bool, ema=None):
-    """One self-labelling step over `engine` (the stage's, and bench_train_step's): `step(indices) -> logged values`.
+    """One self-labelling step over `engine` (the stage's, and bench_train_step's): `step(batch) -> logged values`.
 
-    `weak_input(indices)` / `strong_input(indices)` give the two views of the rows; `teacher_fn`, when given, labels
-    the weak view (else the student does, in the same forward as the strong view); `ema = (teacher, student, decay)`
-    updates that teacher after each optimiser step.
+    `weak_input(batch)` / `strong_input(batch)` give the two views of the batch's rows; `teacher_fn`, when given,
+    labels the weak view (else the student does, in the same forward as the strong view); `ema = (teacher, student,
+    decay)` updates that teacher after each optimiser step.
     """
 
-    def step(indices):
+    def step(batch):
+        count = len(batch["index"])
         if teacher_fn is not None:
             with torch.no_grad(), engine.autocast():  # the teacher runs at the student's precision
-                weak_logits = teacher_fn(weak_input(indices))[0].float()
-            strong_logits = engine(strong_input(indices))[0]
+                weak_logits = teacher_fn(weak_input(batch))[0].float()
+            strong_logits = engine(strong_input(batch))[0]
         else:
             # One forward for both views so BatchNorm sees them together (as the paper, in train mode).
-            logits = engine(torch.cat([weak_input(indices), strong_input(indices)]))[0]
-            weak_logits, strong_logits = logits[: len(indices)].detach(), logits[len(indices):]
+            logits = engine(torch.cat([weak_input(batch), strong_input(batch)]))[0]
+            weak_logits, strong_logits = logits[:count].detach(), logits[count:]
         mask, labels = confident_targets(weak_logits, threshold)
         # Counts per pseudo-class are global; each rank returns its share of the loss, hence scale = world size.
         loss = self_label_loss(strong_logits, labels, mask, class_balance, process_group=engine.process_group)
@@ -72,37 +76,40 @@ def run(cfg, ctx, config_hash: str) -> dict:
     sl = cfg.selflabel
     model = ctx.prepare_model(load_scan_model(cfg, ctx))
     teacher = copy.deepcopy(model).eval() if sl.ema_decay > 0 else None
-    images = ctx.train_set.images
     if sl.mode == "cached":
         # Head only, on a frozen backbone: weak = the cached plain image (view 0), strong = one of the cached
-        # selflabel.view views, drawn per row with batch_rng (N processes draw what one does).
+        # selflabel.view views, drawn per row from the counter-based stream of (seed, "selflabel", epoch, row).
         model.eval()
-        cache = build_cache(ctx, model.backbone, images, sl.cached_views, sl.view,
-                            ctx.stage_dir("selflabel") / "cache")
+        cache = build_cache(ctx, model.backbone, sl.cached_views, sl.view, ctx.stage_dir("selflabel") / "cache")
         trained = model.heads
+        source = IndexSource(EpochRequests(cache.num_items, sl.batch_size, cfg.run.seed, "selflabel", comm.rank(),
+                                           comm.world_size()))
 
-        def weak_input(indices):
-            return cache.get(torch.zeros(len(indices), dtype=torch.long), indices)
+        def weak_input(batch):
+            return cache.get(torch.zeros(len(batch["index"]), dtype=torch.long), batch["index"])
 
-        def strong_input(indices):
-            return cache.get(draw_views(len(indices), sl.cached_views), indices)
+        def strong_input(batch):
+            key = sampling.stream_key(cfg.run.seed, "selflabel", batch["epoch"])
+            return cache.get(draw_views(key, batch["index"].numpy(), ANCHOR_VIEW_DRAW, sl.cached_views),
+                             batch["index"])
 
         teacher_fn = teacher.heads if teacher is not None else None
     else:
-        weak, strong = ctx.transform("eval"), ctx.transform(sl.view)
+        source = ctx.batches("train", [ViewSpec("eval"), ViewSpec(sl.view, "selflabel", 0)], sl.batch_size,
+                             "selflabel")
         trained = model
         model.train()
 
-        def weak_input(indices):
-            return weak(images[indices])
+        def weak_input(batch):
+            return batch["views"][0]
 
-        def strong_input(indices):
-            return strong(images[indices])
+        def strong_input(batch):
+            return batch["views"][1]
 
         teacher_fn = teacher
     optimizer = make_optimizer(sl.optimizer, [{"params": trained.parameters(), "lr": sl.lr}], sl.weight_decay,
                                sl.momentum)
-    schedule = Schedule([sl.lr], total_steps=sl.epochs * steps_per_epoch(len(images), sl.batch_size))
+    schedule = Schedule([sl.lr], total_steps=sl.epochs * source.sampler.steps)
     engine = ctx.engine(trained, optimizer)
 
     ema = (teacher, model, sl.ema_decay) if teacher is not None else None
@@ -111,8 +118,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
     stateful = {"engine": engine}
     if teacher is not None:
         stateful["teacher"] = teacher
-    history = run_epochs(ctx, "selflabel", config_hash, stateful, len(images), sl.batch_size, sl.epochs, step,
-                         engine, schedule)
+    history = run_epochs(ctx, "selflabel", config_hash, stateful, source, sl.epochs, step, engine, schedule)
     final = teacher if teacher is not None else model
     out = ctx.stage_dir("selflabel") / "model.pt"
     if ctx.is_main:
