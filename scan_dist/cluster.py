@@ -33,6 +33,7 @@ from pathlib import Path
 import submitit
 import yaml
 
+from .memory_plan import plan_memory
 from .config import Config, SlurmConfig, load_config
 from .errors import ConfigError
 from .io_utils import write_json
@@ -215,6 +216,7 @@ def plan(cfg: Config, run_dir: Path, res: Resources, stage_plan: list[tuple[str,
                    for name, action in stage_plan],
         "sbatch": sbatch_script(res, run_dir, job_name(cfg)),
         "estimate": estimate_gpu_hours(cfg, res),
+        "memory": plan_memory(cfg, world=res.tasks, tasks_per_node=res.tasks_per_node, gpu=res.gpus_per_node > 0),
     }
 
 

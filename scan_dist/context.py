@@ -42,6 +42,7 @@ class RunContext:
         self.env = env  # dist.env.DistEnv of this process, or None for a plain single process
         self.device = env.device if env is not None else resolve_device(cfg.run.device)
         self.stage_stats: dict[str, dict] = {}  # per stage: data wait, skipped images (merged into DONE markers)
+        self.skipped: dict[str, set[int]] = {"train": set(), "eval": set()}  # unreadable images met (on_bad_image=skip)
 
     @property
     def is_main(self) -> bool:
@@ -185,6 +186,21 @@ class RunContext:
             start, stop = comm.shard_range(len(reader))
         sampler = RangeRequests(start, stop, self.cfg.run.eval_batch_size)
         return self._source(reader, specs or [ViewSpec("eval")], sampler, None)
+
+    def report_skips(self, stage: str, split: str, bad: list[int]) -> None:
+        """Collect the unreadable images a stage met on every rank (data.on_bad_image=skip), log them once, keep
+        them in the stage's metrics and in `self.skipped` (evaluate leaves them out of the results)."""
+        met = sorted({index for part in comm.all_gather_object(sorted(set(bad))) for index in part})
+        if not met:
+            return
+        new = [i for i in met if i not in self.skipped[split]]
+        self.skipped[split].update(met)
+        reader = self.reader(split)
+        names = [reader.names[i].decode() if reader.names is not None else str(i) for i in met]
+        self.stage_stats.setdefault(stage, {}).update(skipped_images=len(met), skipped_first=names[:20])
+        if new:
+            self.log.warning("%s: skipped %d unreadable image(s), first: %s (data.on_bad_image=skip: a black image "
+                             "stands in for training, and evaluation leaves them out)", stage, len(met), names[0])
 
     def eval_images(self, split: str, indices) -> torch.Tensor:
         """uint8 [B, C, S, S]: the un-augmented network-size crops of these images (plots, baselines), in this

@@ -25,6 +25,7 @@ from .errors import ConfigError, ScanDistError
 from .host_memory import tune_malloc
 from .io_utils import write_json, write_text
 from .logs import setup_logging
+from .memory_plan import format_memory_plan, plan_memory
 from .pipeline import plan, run_pipeline
 
 
@@ -131,8 +132,11 @@ def _main(args: argparse.Namespace) -> int:
         stages = plan(cfg, run_dir)
         for stage, action in stages:
             print(f"  {stage:<10} {action}")
+        gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())
+        memory = plan_memory(cfg, world=1, tasks_per_node=1, gpu=gpu)
+        print(format_memory_plan(memory))
         _write_plan(run_dir, {"nodes": 0, "gpus_per_node": 0, "tasks": 1, "mode": "local", "preset": cfg.name,
-                              "stages": [{"name": n, "action": a} for n, a in stages]})
+                              "stages": [{"name": n, "action": a} for n, a in stages], "memory": memory})
         return 0
     return run_local(cfg, run_dir)
 
@@ -200,6 +204,7 @@ def _format_slurm_plan(p: dict) -> str:
                      f"img/s per GPU ({est['throughput_source']}); per stage: {est['per_stage_gpu_hours']}")
     else:
         lines.append(f"  estimate: not available ({est.get('why')})")
+    lines.append(format_memory_plan(p["memory"]))
     lines += ["  sbatch script submitit will write:", *("    " + line for line in p["sbatch"].splitlines())]
     return "\n".join(lines)
 
@@ -233,6 +238,10 @@ def _run_rank(cfg: Config, run_dir: Path, env) -> int:
              env.world_size, cfg.dist.backend)
     if cfg.run.tune_malloc and ctx.device.type == "cpu":
         log.info(tune_malloc())
+    if not cfg.run.kernel_self_check:  # left unset, the environment decides (SCAN_DIST_KERNEL_SELF_CHECK)
+        from . import kernels
+
+        kernels.configure(self_check=False)
     summary = run_pipeline(ctx)
     if not env.is_main:
         return 0

@@ -179,19 +179,15 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
             checkpoint()
     finally:
         source.close()
-    record_data_stats(ctx, stage, time.perf_counter() - started, source.wait_s - waited, source.bad)
+    record_data_wait(ctx, stage, time.perf_counter() - started, source.wait_s - waited)
+    if hasattr(ctx, "report_skips"):
+        ctx.report_skips(stage, "train", source.bad)
     return history
 
 
-def record_data_stats(ctx, stage: str, wall_s: float, wait_s: float, bad: list[int]) -> None:
-    """Keep the data wait and skipped images of a stage (in ctx.stage_stats, merged into its DONE marker)."""
+def record_data_wait(ctx, stage: str, wall_s: float, wait_s: float) -> None:
+    """Keep the time a stage's loop waited for data (in ctx.stage_stats, merged into its DONE marker)."""
     stats = ctx.stage_stats.setdefault(stage, {})
     stats["data_wait_s"] = round(stats.get("data_wait_s", 0.0) + wait_s, 3)
     stats["loop_s"] = round(stats.get("loop_s", 0.0) + wall_s, 3)
     stats["data_wait_fraction"] = round(stats["data_wait_s"] / max(stats["loop_s"], 1e-9), 4)
-    skipped = sorted(set(index for part in comm.all_gather_object(list(bad)) for index in part))
-    if skipped:
-        stats["skipped_images"] = len(set(skipped) | set(stats.get("skipped_indices", [])))
-        stats["skipped_indices"] = sorted(set(skipped) | set(stats.get("skipped_indices", [])))[:1000]
-        ctx.log.warning("%s: %d unreadable image(s) replaced by black ones (data.on_bad_image=skip), indices %s",
-                        stage, stats["skipped_images"], stats["skipped_indices"][:10])

@@ -1,4 +1,4 @@
-"""scan.mode=cached: the fp16 feature cache (fixed views, sharded build, reuse) and head training on it.
+"""scan.mode=cached: the fp16 feature cache (fixed counter-based views, sharded build, reuse) and head training on it.
 
 The reference for cached training is SCAN on the fly: the same fixed augmented images, the frozen backbone run on
 every step's rows, the same per-row view draws. The cache stores fp16, so the two agree to fp16 rounding of the
@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
+import struct
 
 import numpy as np
 import pytest
@@ -21,11 +21,12 @@ from gloo import free_port, gloo_group
 from scan_dist.config import load_config
 from scan_dist.context import RunContext
 from scan_dist.models import build
+from scan_dist.data.loaders import ViewSpec
 from scan_dist.stages import feature_cache, scan
-from scan_dist.stages.feature_cache import FeatureCache, build_cache, chunk_views
+from scan_dist.stages.feature_cache import FeatureCache, build_cache
 
-NUM, VIEWS, CHUNK = 256, 3, 96  # 3 chunks, the last one partial (64 rows)
-BASE = ("run.progress=false", "run.device=cpu", "data.mean=[0.5]", "data.std=[0.25]", "model.channels_last=false",
+NUM, VIEWS = 256, 3
+BASE = ("data.format=idx", "data.max_images=null", "data.max_eval_images=null","run.progress=false", "run.device=cpu", "data.mean=[0.5]", "data.std=[0.25]", "model.channels_last=false",
         "model.width=8", "scan.mode=cached", "scan.features=backbone", "scan.batch_size=64", "scan.epochs=2",
         "scan.num_heads=2", f"scan.cached_views={VIEWS}", "scan.view=simclr", "run.eval_batch_size=64",
         "run.checkpoint_every_steps=1000")
@@ -41,11 +42,32 @@ def fake_images(num: int = NUM) -> torch.Tensor:
     return images
 
 
+def write_idx(root: Path, images: torch.Tensor) -> Path:
+    """The images as an IDX dataset (train and t10k), so the context reads them like any array dataset."""
+    root.mkdir(parents=True, exist_ok=True)
+    pixels = images[:, 0].numpy()
+    for prefix in ("train", "t10k"):
+        header = bytes([0, 0, 8, 3]) + struct.pack(">3I", *pixels.shape)
+        (root / f"{prefix}-images-idx3-ubyte").write_bytes(header + pixels.tobytes())
+        labels = (np.arange(len(pixels)) % 9).astype(np.uint8)
+        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(bytes([0, 0, 8, 1]) + struct.pack(">I", len(labels))
+                                                           + labels.tobytes())
+    return root
+
+
 def make_ctx(run_dir: Path, *overrides: str) -> RunContext:
-    cfg = load_config("smoke", [*BASE, *overrides])
-    ctx = RunContext(cfg, run_dir, logging.getLogger("test_feature_cache"))
-    ctx.train_set = SimpleNamespace(images=fake_images())  # cached_property: an instance attribute overrides it
-    return ctx
+    data = run_dir.parent / "fake-idx"
+    if not data.is_dir():
+        write_idx(data, fake_images())
+    cfg = load_config("smoke", [*BASE, f"data.path={data}", *overrides])
+    return RunContext(cfg, run_dir, logging.getLogger("test_feature_cache"))
+
+
+def fixed_views(ctx: RunContext, view: int, kind: str) -> torch.Tensor:
+    """The normalised pixels of every training image in cache view `view` (0: un-augmented)."""
+    spec = ViewSpec("eval") if view == 0 else ViewSpec(kind, feature_cache.view_stream(kind), view)
+    source = ctx.inference_batches("train", [spec], start=0, stop=NUM)
+    return source.build_now(np.arange(NUM))["views"][0]
 
 
 def make_model(ctx: RunContext, seed: int = 0):
@@ -59,58 +81,58 @@ def make_model(ctx: RunContext, seed: int = 0):
             module.momentum = None  # cumulative average: one pass sets the statistics of that batch
     model.backbone.train()
     with torch.no_grad():
-        model.backbone(ctx.transform("eval")(ctx.train_set.images))
+        model.backbone(fixed_views(ctx, 0, "eval"))
     return model.eval()
 
 
-def fake_neighbors(num: int = NUM, k: int = 5) -> torch.Tensor:
+def fake_neighbors(path: Path, num: int = NUM, k: int = 5) -> Path:
     gen = torch.Generator().manual_seed(1)
-    return (torch.arange(num)[:, None] + torch.randint(1, num, (num, k), generator=gen)) % num
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, ((torch.arange(num)[:, None] + torch.randint(1, num, (num, k), generator=gen)) % num).numpy())
+    return path
 
 
 def test_cache_layout_dtype_and_reuse(tmp_path):
     ctx = make_ctx(tmp_path)
     model = make_model(ctx)
-    images = ctx.train_set.images
     calls = []
     model.backbone.register_forward_hook(lambda *_: calls.append(1))
     rng_before = torch.get_rng_state()
-    cache = build_cache(ctx, model.backbone, images, VIEWS, "simclr", tmp_path / "cache", chunk_rows=CHUNK)
-    assert torch.equal(torch.get_rng_state(), rng_before), "building a cache must not move the training RNG"
+    cache = build_cache(ctx, model.backbone, VIEWS, "simclr", tmp_path / "cache")
+    assert torch.equal(torch.get_rng_state(), rng_before), "building a cache must not move the torch RNG"
     assert cache.built and cache.path.parent.parent == tmp_path / "cache"
     stored = np.load(cache.path, mmap_mode="r")
     assert isinstance(stored, np.memmap) and stored.dtype == np.float16
     dim = model.backbone.out_dim
-    assert stored.shape == (VIEWS + 1, NUM, dim) and (cache.num_views, cache.num_items, cache.dim) == stored.shape
+    assert stored.shape == (NUM, VIEWS + 1, dim) and (cache.num_items, cache.num_views, cache.dim) == stored.shape
     meta = json.loads((cache.path.parent / "meta.json").read_text())
-    assert meta["complete"] and meta["shape"] == [VIEWS + 1, NUM, dim] and meta["dtype"] == "float16"
+    assert meta["complete"] and meta["shape"] == [NUM, VIEWS + 1, dim] and meta["dtype"] == "float16"
     with torch.no_grad():
-        eval_features = model.backbone(ctx.transform("eval")(images))
-        view2_chunk1 = model.backbone(chunk_views(ctx, images, 2, "simclr", 1, CHUNK))
-    # view 0 is the un-augmented image, views 1..V the seeded augmentations; fp16 storage: relative 2**-11
-    torch.testing.assert_close(torch.from_numpy(np.array(stored[0])).float(), eval_features, rtol=1e-3, atol=1e-3)
-    torch.testing.assert_close(torch.from_numpy(np.array(stored[2, CHUNK:2 * CHUNK])).float(), view2_chunk1,
-                               rtol=1e-3, atol=1e-3)
+        eval_features = model.backbone(fixed_views(ctx, 0, "simclr"))
+        view2 = model.backbone(fixed_views(ctx, 2, "simclr"))
+    # view 0 is the un-augmented image, views 1..V the counter-based augmentations; fp16 storage: relative 2**-11
+    torch.testing.assert_close(torch.from_numpy(np.array(stored[:, 0])).float(), eval_features, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(torch.from_numpy(np.array(stored[:, 2])).float(), view2, rtol=1e-3, atol=1e-3)
     for a in range(VIEWS + 1):
         for b in range(a + 1, VIEWS + 1):
-            gap = np.linalg.norm(stored[a] - stored[b]) / np.linalg.norm(stored[a])
+            gap = np.linalg.norm(stored[:, a] - stored[:, b]) / np.linalg.norm(stored[:, a])
             assert gap > 0.05, f"views {a} and {b} must differ"
     views, rows = torch.tensor([0, 3, 1, 2]), torch.tensor([5, 5, 255, 100])
     got = cache.get(views, rows)
     assert got.dtype == torch.float32 and got.shape == (4, dim)
-    assert torch.equal(got, torch.from_numpy(np.array(stored[views.numpy(), rows.numpy()])).float())
+    assert torch.equal(got, torch.from_numpy(np.array(stored[rows.numpy(), views.numpy()])).float())
 
     # the same backbone, images and settings again: reused, nothing recomputed or rewritten
     calls.clear()
     mtime = cache.path.stat().st_mtime_ns
     time.sleep(0.01)
-    again = build_cache(ctx, model.backbone, images, VIEWS, "simclr", tmp_path / "cache", chunk_rows=CHUNK)
+    again = build_cache(ctx, model.backbone, VIEWS, "simclr", tmp_path / "cache")
     assert not again.built and again.path == cache.path and again.path.stat().st_mtime_ns == mtime
     assert len(calls) == 1  # only the one-image probe that finds the feature size
     # other weights -> another key: rebuilt, and the stale cache is removed (one cache per folder)
     with torch.no_grad():
         next(model.backbone.parameters()).mul_(1.01)
-    changed = build_cache(ctx, model.backbone, images, VIEWS, "simclr", tmp_path / "cache", chunk_rows=CHUNK)
+    changed = build_cache(ctx, model.backbone, VIEWS, "simclr", tmp_path / "cache")
     assert changed.built and changed.path != cache.path and not cache.path.exists()
     assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == [changed.path.parent.name]
 
@@ -127,9 +149,8 @@ def test_cached_scan_equals_on_the_fly_scan(tmp_path, monkeypatch):
       losses within rtol 1e-3 and the head weights within 1e-3 absolute (measured: 1.5e-4), while training moves
       them by > 0.1 (measured: 0.47).
     """
-    monkeypatch.setattr(feature_cache, "CHUNK_ROWS", CHUNK)
     overrides = ("scan.optimizer=sgd", "scan.lr=1.0", "scan.momentum=0.9", "scan.head_hidden=0")
-    neighbors = fake_neighbors()
+    neighbors = fake_neighbors(tmp_path / "neighbors.npy")
     recorded = []
     real_objective = scan.scan_objective
 
@@ -156,14 +177,12 @@ def test_cached_scan_equals_on_the_fly_scan(tmp_path, monkeypatch):
 
     def on_the_fly(round_fp16: bool):
         def make(ctx, model):
-            images, chunks = ctx.train_set.images, -(-NUM // CHUNK)
-            pixels = torch.stack([torch.cat([chunk_views(ctx, images, v, ctx.cfg.scan.view, c, CHUNK)
-                                             for c in range(chunks)]) for v in range(VIEWS + 1)])  # [V+1, N, ...]
+            pixels = torch.stack([fixed_views(ctx, v, ctx.cfg.scan.view) for v in range(VIEWS + 1)], dim=1)
 
             def features(views, rows):
                 seen_views.append(views)
                 with torch.no_grad():
-                    out = model.backbone(pixels[views, rows])
+                    out = model.backbone(pixels[rows, views])
                 return out.half().float() if round_fp16 else out
 
             return features
@@ -194,10 +213,9 @@ def test_cached_scan_equals_on_the_fly_scan(tmp_path, monkeypatch):
 
 def test_cached_scan_resumes_to_the_same_weights(tmp_path, monkeypatch):
     """A run that dies mid-epoch resumes from its checkpoint on the reused cache and ends where an uninterrupted
-    run ends (run_epochs restores the RNG, so the neighbour and view draws continue as they would have)."""
-    monkeypatch.setattr(feature_cache, "CHUNK_ROWS", CHUNK)
+    run ends (the neighbour and view draws are counter-based: the position alone says what comes next)."""
     overrides = ("run.checkpoint_every_steps=3",)
-    neighbors = fake_neighbors()
+    neighbors = fake_neighbors(tmp_path / "neighbors.npy")
 
     def train(run_dir: Path):
         ctx = make_ctx(run_dir, *overrides)
@@ -237,7 +255,7 @@ def _shard_worker(rank: int, world: int, port: int, out_dir: str):
     with gloo_group(rank, world, port):
         ctx = make_ctx(Path(out_dir))
         model = make_model(ctx)
-        build_cache(ctx, model.backbone, ctx.train_set.images, 2, "weak", Path(out_dir) / "two", chunk_rows=40)
+        build_cache(ctx, model.backbone, 2, "weak", Path(out_dir) / "two")
 
 
 @pytest.mark.dist
@@ -247,15 +265,14 @@ def test_sharded_build_equals_one_process(tmp_path):
     torch.set_num_threads(1)  # as each gloo worker: the same CPU kernels
     try:
         ctx = make_ctx(tmp_path)
-        one = build_cache(ctx, make_model(ctx).backbone, ctx.train_set.images, 2, "weak", tmp_path / "one",
-                          chunk_rows=40)  # 7 chunks, split 4 / 3 over two ranks
+        one = build_cache(ctx, make_model(ctx).backbone, 2, "weak", tmp_path / "one")
     finally:
         torch.set_num_threads(threads)
     (two,) = [p for p in (tmp_path / "two").iterdir()]
     assert two.name == one.path.parent.name  # the key does not depend on the number of processes
     assert json.loads((two / "meta.json").read_text())["world_size"] == 2
     sharded, single = np.load(two / "features.npy"), np.load(one.path)
-    assert sharded.shape == single.shape == (3, NUM, make_model(ctx).backbone.out_dim)
+    assert sharded.shape == single.shape == (NUM, 3, make_model(ctx).backbone.out_dim)
     assert np.array_equal(sharded, single)
 
 
@@ -270,7 +287,7 @@ def test_smoke_run_cached_mode(tmp_path, fashion_mnist):
     assert metrics["acc"] > 0.2  # better than chance (0.1) after one short epoch per stage
     (cache_dir,) = [p for p in (run_dir / "scan" / "cache").iterdir()]
     stored = np.load(cache_dir / "features.npy", mmap_mode="r")
-    assert stored.dtype == np.float16 and stored.shape[:2] == (3, 3000)
+    assert stored.dtype == np.float16 and stored.shape[:2] == (3000, 3)
     mtime = (cache_dir / "features.npy").stat().st_mtime_ns
     # a changed SCAN training setting re-runs the stage on the same frozen backbone: the cache is reused
     again = subprocess.run(cmd + ["scan.lr=0.002", "selflabel.enabled=false"], capture_output=True, text=True,

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from imagenet_standin import build_imagenet_standin
-from scan_dist.data.datasets import open_dataset
+from scan_dist.data.formats import open_dataset
 
 pytestmark = pytest.mark.slow
 
@@ -76,15 +76,15 @@ def test_reader_labels_match_standin(tmp_path, fashion_mnist, flat_val):
     info = build_imagenet_standin(tmp_path / "data", "imagenet50", 2, 2, flat_val, size=48, extra_classes=5)
     wnids = info["wnids"]
     for split, count in (("train", info["num_train"]), ("eval", info["num_val"])):
-        images = open_dataset(info["root"], split, fmt="imagenet", image_size=32, subset="imagenet50",
-                              progress=False)
-        assert len(images) == count and tuple(images.images.shape[1:]) == (3, 32, 32)
+        images = open_dataset(info["root"], split, fmt="imagenet", image_size=32, subset="imagenet50")
+        assert len(images) == count and images.channels == 3 and images.image_size == 32
+        assert min(images.read(0).shape[1:]) == images.resize_size == 37  # shorter side 32 * 256 / 224
         assert images.class_names == info["class_names"]
-        truth = [info["labels"][name] for name in images.names]
+        truth = [info["labels"][name.decode()] for name in images.names]
         assert [wnids[t] for t in images.targets] == truth
         assert not set(truth) & set(info["extra_wnids"])
     # without a subset every wnid folder is a class, named from LOC_synset_mapping.txt
-    everything = open_dataset(info["root"], "eval", fmt="auto", image_size=32, progress=False)
+    everything = open_dataset(info["root"], "eval", fmt="auto", image_size=32)
     assert everything.num_classes == 55 and len(everything) == 110
     name_of = dict(zip(wnids + info["extra_wnids"], info["class_names"] + info["extra_class_names"]))
     assert everything.class_names == [name_of[w].split(",")[0] for w in sorted(name_of)]
@@ -100,10 +100,9 @@ def test_kaggle_download_layout_loads(tmp_path, fashion_mnist):
     for name in ("LOC_val_solution.csv", "LOC_synset_mapping.txt"):
         shutil.move(str(Path(info["root"]) / name), str(download / name))
     for path in (download, Path(info["root"])):
-        images = open_dataset(path, "eval", fmt="imagenet", image_size=32, subset="imagenet50", progress=False)
-        assert [info["wnids"][t] for t in images.targets] == [info["labels"][n] for n in images.names]
-        assert len(open_dataset(path, "train", fmt="imagenet", image_size=32, subset="imagenet50",
-                                progress=False)) == info["num_train"]
+        images = open_dataset(path, "eval", fmt="imagenet", image_size=32, subset="imagenet50")
+        assert [info["wnids"][t] for t in images.targets] == [info["labels"][n.decode()] for n in images.names]
+        assert len(open_dataset(path, "train", fmt="imagenet", image_size=32, subset="imagenet50")) == info["num_train"]
 
 
 @pytest.mark.parametrize("preset,flat_val,per_train,per_val,extra,overrides", CASES, ids=[c[0] for c in CASES])
@@ -143,8 +142,8 @@ def test_imagenet_preset_end_to_end(tmp_path, fashion_mnist, preset, flat_val, p
 
     log = (run_dir / "log.txt").read_text()
     detail = "" if preset == "imagenet1k" else f", {preset}"
-    assert f"train data: imagenet:{info['root']} (train{detail}), {info['num_train']} images of 3x32x32" in log
-    assert f"eval data: imagenet:{info['root']} (eval{detail}), {info['num_val']} images of 3x32x32" in log
+    assert f"train data: imagenet:{info['root']} (train{detail}), {info['num_train']} images, 3 channel(s)" in log
+    assert f"eval data: imagenet:{info['root']} (eval{detail}), {info['num_val']} images, 3 channel(s)" in log
     if checkpoint is not None:
         assert str(checkpoint) in log and "SimCLR training skipped" in log
 

@@ -96,8 +96,11 @@ def test_unlabelled_folder_end_to_end(tmp_path):
     with open(run_dir / "assignments.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == ["path", "cluster", "confidence"]
-    assert len(rows) == 48 and rows[0]["path"].endswith("img_000.png")
-    assert all(0 <= int(r["cluster"]) < 3 for r in rows)
+    assert len(rows) == 49 and rows[1]["path"].endswith("img_000.png")
+    skipped = [r for r in rows if r["path"] == "broken.jpg"]  # listed, with no cluster: left out of the results
+    assert len(skipped) == 1 and skipped[0]["cluster"] == "-1"
+    assert all(0 <= int(r["cluster"]) < 3 for r in rows if r["path"] != "broken.jpg")
+    assert metrics["stages"]["evaluate"]["skipped_images"] == 1
     for name in ("report.md", "confusion.png", "prototypes.png"):
         assert (run_dir / name).is_file()
 

@@ -7,7 +7,7 @@ from scan_dist.data.augment import normalize
 from scan_dist.models.backbones import build_backbone
 from scan_dist.models.heads import SimCLRModel
 from scan_dist.models.mined_space import SCALE, MinedSpace
-from scan_dist.stages.mine import fit_pixel_pca, project_pixels
+from scan_dist.stages.mine import fit_pixel_pca
 
 
 @pytest.mark.parametrize("features, layer", [("both", "projection"), ("pixels", "projection"),
@@ -25,9 +25,10 @@ def test_matches_the_mined_vectors(features, layer):
         with torch.no_grad():
             parts.append(F.normalize(encoder(x) if layer == "projection" else encoder.backbone(x), dim=1))
     if pca_dims:
-        pca_mean, basis = fit_pixel_pca(images, pca_dims, seed=0)
+        flat = images.reshape(len(images), -1).float() / 255
+        pca_mean, basis = fit_pixel_pca(flat, pca_dims, seed=0)
         space.set_pca(pca_mean, basis, mean, std)
-        parts.append(F.normalize(project_pixels(images, pca_mean, basis), dim=1))
+        parts.append(F.normalize((flat - pca_mean) @ basis, dim=1))
     expected = F.normalize(torch.cat(parts, dim=1), dim=1) * SCALE
     with torch.no_grad():
         got = space(x)

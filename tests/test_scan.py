@@ -1,14 +1,20 @@
-"""SCAN stage pieces: neighbour sampling (the image itself included) and the label-free head selection."""
+"""SCAN stage pieces: neighbour sampling (the image itself included), cached-view draws and the label-free head
+selection (chunked: it must equal the whole-set formula)."""
+import numpy as np
 import torch
 
-from scan_dist.stages.scan import sample_neighbors, selection_losses
+from scan_dist import kernels
+from scan_dist.data.loaders import sample_partners
+from scan_dist.data.sampling import stream_key
+from scan_dist.stages.scan import ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW, draw_views, selection_losses
 
 
-def test_sample_neighbors_draws_from_list_and_self():
-    torch.manual_seed(0)
-    neighbors = torch.tensor([[1, 2], [2, 0], [0, 1]])
-    indices = torch.tensor([0, 1, 2] * 400)
-    partners = sample_neighbors(indices, neighbors)
+def test_sample_partners_draws_from_list_and_self():
+    neighbors = np.array([[1, 2], [2, 0], [0, 1]])
+    anchors = np.array([0, 1, 2] * 400)
+    # one draw per (epoch, anchor): gather the partners of every anchor over many epochs
+    drawn_all = np.concatenate([sample_partners(neighbors, stream_key(0, "scan", e), np.arange(3)) for e in range(400)])
+    partners, indices = torch.from_numpy(drawn_all), torch.from_numpy(anchors)
     for anchor in range(3):
         drawn = partners[indices == anchor]
         allowed = set(neighbors[anchor].tolist()) | {anchor}
@@ -27,6 +33,21 @@ def test_selection_prefers_the_head_that_agrees_with_neighbours():
     noisy = torch.randn(num, classes) * 3
     collapsed = torch.zeros(num, classes)
     collapsed[:, 0] = 8  # consistent but one cluster: the entropy term must reject it
-    losses = selection_losses(torch.stack([noisy, good, collapsed]), neighbors, entropy_weight=1.0)
+    logits = torch.stack([noisy, good, collapsed])
+    losses = selection_losses(logits, neighbors.numpy(), entropy_weight=1.0, chunk=7)
     assert int(torch.argmin(losses)) == 1
     assert losses[1] < losses[2] and losses[1] < losses[0]
+    # the chunked computation equals the loss of all (anchor, neighbour) pairs at once
+    whole, _, _ = kernels.scan_loss(logits.repeat_interleave(2, dim=1), logits[:, neighbors.reshape(-1)], 1.0)
+    torch.testing.assert_close(losses, whole, rtol=1e-5, atol=1e-5)
+
+
+def test_cached_views_are_uniform_over_the_augmented_views():
+    anchors = np.arange(6000)
+    key = stream_key(0, "scan", 0)
+    anchor_views = draw_views(key, anchors, ANCHOR_VIEW_DRAW, 4)
+    partner_views = draw_views(key, anchors, PARTNER_VIEW_DRAW, 4)
+    counts = torch.bincount(anchor_views, minlength=5)
+    assert counts[0] == 0 and (counts[1:] - 1500).abs().max() < 150
+    assert (anchor_views != partner_views).float().mean() > 0.6  # independent draws
+    assert draw_views(key, anchors[:5], ANCHOR_VIEW_DRAW, 0).tolist() == [0] * 5

@@ -26,5 +26,5 @@ def test_cached_self_labelling_end_to_end(tmp_path, fashion_mnist):
     assert stage["final_confident"] > 0 and "final_loss" in stage  # the head actually trained
     (cache,) = (run_dir / "selflabel" / "cache").iterdir()
     table = np.load(cache / "features.npy", mmap_mode="r")
-    assert table.dtype == np.float16 and table.shape[:2] == (3, 3000)  # plain view + 2 strong views
+    assert table.dtype == np.float16 and table.shape[:2] == (3000, 3)  # plain view + 2 strong views
     assert json.loads((run_dir / "metrics.json").read_text())["acc"] > 0.2

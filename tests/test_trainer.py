@@ -1,11 +1,16 @@
-"""The shared epoch loop: schedules, seeded order, and bit-exact resume from a mid-epoch checkpoint."""
+"""The shared epoch loop: schedules, seeded order, and bit-exact resume from a mid-epoch checkpoint (with no RNG
+state in the checkpoint: the step's randomness is counter-based)."""
 import logging
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from scan_dist.trainer import Schedule, epoch_order, run_epochs, steps_per_epoch
+import numpy as np
+
+from scan_dist.data.loaders import EpochRequests
+from scan_dist.data.sampling import stream_key, uniform
+from scan_dist.trainer import IndexSource, Schedule, run_epochs, steps_per_epoch
 
 
 class FakeContext:
@@ -13,6 +18,7 @@ class FakeContext:
         self.run_dir = run_dir
         self.cfg = SimpleNamespace(run=SimpleNamespace(seed=3, checkpoint_every_steps=every, progress=False))
         self.log = logging.getLogger("test")
+        self.stage_stats = {}
 
     def stage_dir(self, name):
         path = self.run_dir / name
@@ -32,18 +38,22 @@ def train(ctx, crash_at=None):
     schedule = Schedule([0.05], total_steps=3 * steps_per_epoch(40, 8), warmup_steps=2, cosine=True)
     calls = []
 
-    def step(indices):
+    def step(batch):
+        indices = batch["index"]
         if crash_at is not None and len(calls) == crash_at:
             raise Crash()
         calls.append(indices.tolist())
-        noise = torch.randn(len(indices), 1) * 0.1  # consumes the RNG: resume must restore it
+        # per-sample randomness as the stages draw it: a function of (seed, stage, epoch, sample), no RNG state
+        u = uniform(stream_key(3, "stage", batch["epoch"]), indices.numpy(), 0)
+        noise = torch.from_numpy(u).float().unsqueeze(1) * 0.1
         loss = ((model(data[indices]) - noise) ** 2).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         return {"loss": loss.item()}
 
-    history = run_epochs(ctx, "stage", "hash", {"model": model, "optimizer": optimizer}, 40, 8, 3, step,
+    source = IndexSource(EpochRequests(40, 8, seed=3, stream="stage", rank=0, world=1))
+    history = run_epochs(ctx, "stage", "hash", {"model": model, "optimizer": optimizer}, source, 3, step,
                          optimizer, schedule)
     return model, history, calls
 
@@ -57,6 +67,7 @@ def test_resume_after_crash_is_bit_exact(tmp_path):
     assert calls == ref_calls[7:]
     assert torch.equal(resumed.weight, reference.weight) and torch.equal(resumed.bias, reference.bias)
     assert history == ref_history
+    assert "rng" not in torch.load(ctx.run_dir / "stage" / "checkpoint.pt", weights_only=True)
 
 
 def test_checkpoint_of_other_config_is_ignored(tmp_path):
@@ -76,11 +87,21 @@ def test_schedule_shapes():
     assert Schedule([1.0], total_steps=10).factor(7) == 1.0
 
 
-def test_epoch_order_is_seeded_per_epoch():
-    assert torch.equal(epoch_order(20, 1, 0), epoch_order(20, 1, 0))
-    assert not torch.equal(epoch_order(20, 1, 0), epoch_order(20, 1, 1))
-    assert sorted(epoch_order(20, 1, 0).tolist()) == list(range(20))
+def test_each_epoch_walks_a_new_permutation(tmp_path):
+    seen = []
+    run_epochs(FakeContext(tmp_path, every=1000), "stage", "hash", {},
+               IndexSource(EpochRequests(20, 4, seed=1, stream="stage", rank=0, world=1)), 2,
+               lambda batch: seen.append(batch["index"].tolist()) or {})
+    first, second = sum(seen[:5], []), sum(seen[5:], [])
+    assert sorted(first) == sorted(second) == list(range(20)) and first != second
     assert steps_per_epoch(5, 8) == 1 and steps_per_epoch(17, 8) == 2
+
+
+def test_data_wait_is_recorded_per_stage(tmp_path):
+    ctx = FakeContext(tmp_path, every=1000)
+    run_epochs(ctx, "stage", "hash", {}, IndexSource(EpochRequests(8, 4, 0, "stage", 0, 1)), 1, lambda batch: {})
+    stats = ctx.stage_stats["stage"]
+    assert set(stats) >= {"data_wait_s", "loop_s", "data_wait_fraction"} and 0 <= stats["data_wait_fraction"] <= 1
 
 
 def test_logged_values_are_read_every_few_steps_not_every_step(tmp_path, monkeypatch):
@@ -96,7 +117,7 @@ def test_logged_values_are_read_every_few_steps_not_every_step(tmp_path, monkeyp
     monkeypatch.setattr(trainer.comm, "mean_over_ranks", counting)
     values = torch.arange(90, dtype=torch.float32)  # one value per step of 2 epochs of 45 steps
 
-    def step(indices):
+    def step(batch):
         n = len(reads_per_step)
         reads_per_step.append(len(reads))
         # tensors (left unread on the device) and a key that only some steps log, as self-labelling's skipped steps
@@ -106,7 +127,8 @@ def test_logged_values_are_read_every_few_steps_not_every_step(tmp_path, monkeyp
         return out
 
     reads_per_step = []
-    history = run_epochs(FakeContext(tmp_path, every=1000), "stage", "hash", {}, 45, 1, 2, step)
+    history = run_epochs(FakeContext(tmp_path, every=1000), "stage", "hash", {},
+                         IndexSource(EpochRequests(45, 1, 0, "stage", 0, 1)), 2, step)
     per_epoch = 45 // trainer.READ_EVERY + 1  # every READ_EVERY steps, then the epoch end (the checkpoint: nothing new)
     assert len(reads) == 2 * per_epoch
     assert history[0]["loss"] == pytest.approx(float(values[:45].mean()))

@@ -19,13 +19,15 @@ def make_optimizer(name: str, groups: list[dict], weight_decay: float, momentum:
 
 
 @torch.no_grad()
-def infer(ctx, fn, split: str, desc: str, out_path, spec: ViewSpec | None = None, dtype=np.float32) -> np.ndarray:
+def infer(ctx, fn, split: str, desc: str, out_path, spec: ViewSpec | None = None, dtype=np.float32,
+          stage: str | None = None) -> np.ndarray:
     """Apply `fn` to every image of `split` (in view `spec`, default the un-augmented eval view) and return the
     outputs as a read-only memory map of `out_path` (a .npy written atomically): row i is image i.
 
     fn returns [B, ...] or [H, B, ...] (heads first); heads-first outputs are stored rows-first ([N, H, ...]) and
     returned as the [H, N, ...] view. With N processes each rank infers its contiguous shard and writes its rows
-    into the shared file; nothing is gathered into memory (at ImageNet scale the outputs are GBs).
+    into the shared file; nothing is gathered into memory (at ImageNet scale the outputs are GBs). Unreadable
+    images met (data.on_bad_image=skip) are reported for `stage` (default: the first word of `desc`).
     """
     reader = ctx.reader(split)
     source = ctx.inference_batches(split, [spec] if spec else None)
@@ -33,20 +35,20 @@ def infer(ctx, fn, split: str, desc: str, out_path, spec: ViewSpec | None = None
     heads_first = sample.dim() == 3
     row_shape = (sample.shape[0], *sample.shape[2:]) if heads_first else tuple(sample.shape[1:])
     out = SharedRows(Path(out_path), len(reader), row_shape, dtype)
-    start, _ = comm.shard_range(len(reader))
     try:
         for batch in tqdm(source, desc=desc, unit="batch", leave=False, total=len(source),
                           disable=not (ctx.cfg.run.progress and comm.is_main()), dynamic_ncols=True):
             values = fn(batch["views"][0]).float()
             if heads_first:
                 values = values.transpose(0, 1)
-            out.write(start + int(batch["index"][0]), values.cpu().numpy())
+            out.write(int(batch["index"][0]), values.cpu().numpy())
     except BaseException:
         out.abort()
         raise
     finally:
         source.close()
     result = out.close()
+    ctx.report_skips(stage or desc.split()[0], split, source.bad)
     return np.swapaxes(result, 0, 1) if heads_first else result
 
 

@@ -50,13 +50,18 @@ def run(cfg, ctx, config_hash: str) -> dict:
     if not ctx.is_main:
         return {"artifacts": {}, "metrics": {}}
     probs = torch.from_numpy(np.array(logits)).softmax(dim=1)
-    targets = eval_set.targets
-    labelled = targets is not None and bool((targets >= 0).any())
     confidence, predictions = probs.max(dim=1)
     run_dir = ctx.run_dir
-    write_assignments(run_dir / "assignments.csv", eval_set, predictions, confidence)
+    # Unreadable images (data.on_bad_image=skip) get cluster -1 in assignments.csv and count nowhere else.
+    skipped = np.array(sorted(ctx.skipped["eval"]), dtype=np.int64)
+    write_assignments(run_dir / "assignments.csv", eval_set, predictions.masked_fill(
+        torch.from_numpy(np.isin(np.arange(len(eval_set)), skipped)), -1), confidence)
+    keep = np.setdiff1d(np.arange(len(eval_set)), skipped)
+    probs, confidence, predictions = probs[keep], confidence[keep], predictions[keep]
+    targets = None if eval_set.targets is None else eval_set.targets[keep]
+    labelled = targets is not None and bool((targets >= 0).any())
 
-    results: dict = {"num_images": len(eval_set)}
+    results: dict = {"num_images": int(len(keep)), "skipped_images": int(len(skipped))}
     if labelled:
         results["final"] = M.cluster_metrics(targets, predictions.numpy(), probs.numpy())
         mapping = M.hungarian_match(targets, predictions.numpy(), cfg.num_clusters, eval_set.num_classes)
@@ -64,23 +69,25 @@ def run(cfg, ctx, config_hash: str) -> dict:
         report.write_confusion_png(run_dir / "confusion.png", confusion, eval_set.class_names,
                                    title=f"{cfg.name}: ACC {results['final']['acc']:.3f}")
         cluster_names = _cluster_names(mapping, eval_set.class_names, cfg.num_clusters)
-        results["scan_heads"] = _score_scan_heads(ctx, targets)
+        results["scan_heads"] = _score_scan_heads(ctx, targets, keep)
         if cfg.run.baseline:
-            results["kmeans_pixels"] = kmeans_pixels(cfg, ctx, targets)
+            results["kmeans_pixels"] = kmeans_pixels(cfg, ctx, targets, keep)
     else:
         results["final"] = {"acc": None, "nmi": None, "ari": None, "ami": None}
         report.write_confusion_png(run_dir / "confusion.png", _cluster_sizes(predictions, cfg.num_clusters),
                                    None, title=f"{cfg.name}: cluster sizes (no labels)")
         cluster_names = None
-    report.write_prototypes_png(run_dir / "prototypes.png", lambda rows: ctx.eval_images("eval", rows),
+    report.write_prototypes_png(run_dir / "prototypes.png", lambda rows: ctx.eval_images("eval", keep[rows]),
                                 predictions.numpy(), confidence.numpy(), cfg.num_clusters, cluster_names=cluster_names)
     return {"artifacts": {"assignments": str(run_dir / "assignments.csv")}, "metrics": results}
 
 
-def kmeans_pixels(cfg, ctx, targets) -> dict:
-    """k-means on the pixels of (up to KMEANS_MAX_IMAGES evenly spaced, downsampled) evaluation images."""
-    count = min(len(ctx.eval_set), KMEANS_MAX_IMAGES)
-    rows = np.unique(np.linspace(0, len(ctx.eval_set) - 1, num=count).astype(np.int64))
+def kmeans_pixels(cfg, ctx, targets, keep: np.ndarray) -> dict:
+    """k-means on the pixels of (up to KMEANS_MAX_IMAGES evenly spaced, downsampled) evaluation images;
+    `targets` are those of the kept rows `keep`."""
+    count = min(len(keep), KMEANS_MAX_IMAGES)
+    picks = np.unique(np.linspace(0, len(keep) - 1, num=count).astype(np.int64))
+    rows, targets = keep[picks], targets[picks]
     parts = []
     for start in range(0, len(rows), 1024):
         images = ctx.eval_images("eval", rows[start:start + 1024])
@@ -88,7 +95,7 @@ def kmeans_pixels(cfg, ctx, targets) -> dict:
             images = F.interpolate(images.float(), size=(KMEANS_MAX_SIDE, KMEANS_MAX_SIDE), mode="bilinear",
                                    antialias=True, align_corners=False).round_().clamp_(0, 255).to(torch.uint8)
         parts.append(images)
-    result = M.kmeans_baseline(torch.cat(parts), targets[rows], cfg.num_clusters, seed=cfg.run.seed)
+    result = M.kmeans_baseline(torch.cat(parts), targets, cfg.num_clusters, seed=cfg.run.seed)
     result["num_images"] = int(len(rows))
     return result
 
@@ -103,12 +110,13 @@ def _cluster_sizes(predictions: torch.Tensor, num_clusters: int):
     return torch.bincount(predictions, minlength=num_clusters).numpy()[None, :]
 
 
-def _score_scan_heads(ctx, targets) -> dict:
+def _score_scan_heads(ctx, targets, keep: np.ndarray) -> dict:
     """Every SCAN head's accuracy next to the one the label-free rule selected (diagnostic only), from the logits
     of every head on the evaluation images that the SCAN stage stored (read a chunk of rows at a time)."""
     saved = load_torch(ctx.run_dir / "scan" / "model.pt")
     logits = np.load(ctx.run_dir / "scan" / EVAL_LOGITS, mmap_mode="r")  # [N, H, C]
-    predictions = np.concatenate([np.asarray(logits[i:i + 4096]).argmax(axis=2) for i in range(0, len(logits), 4096)])
+    predictions = np.concatenate([np.asarray(logits[i:i + 4096]).argmax(axis=2)
+                                  for i in range(0, len(logits), 4096)])[keep]
     heads = [M.cluster_metrics(targets, predictions[:, h]) for h in range(predictions.shape[1])]
     best = int(saved["best_head"])
     return {"selected_head": best, "selected": heads[best], "acc_per_head": [h["acc"] for h in heads]}

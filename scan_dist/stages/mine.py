@@ -12,8 +12,10 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..dist import comm
-from ..io_utils import save_numpy, save_torch
+from ..dist.shared_rows import SharedRows
+from ..io_utils import save_torch
 from ..metrics import neighbor_agreement
+from ..models.mined_space import MinedSpace
 from .common import infer, load_rows
 
 
@@ -52,43 +54,47 @@ def pixel_pca(cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
     return comm.broadcast_object(fit_pixel_pca(torch.cat(chunks), ctx.pca_dims, cfg.run.seed))
 
 
-def search_space(cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, eval) vectors, L2-normalised, in the space named by mine.features."""
-    parts_train, parts_eval = [], []
+def search_space(cfg, ctx) -> dict[str, np.ndarray]:
+    """{"train", "eval"}: the vectors in the space named by mine.features (each part L2-normalised, concatenated,
+    normalised again), written row-sharded by all ranks to mine/<split>_space.npy and memory-mapped: at ImageNet
+    scale (1.28M x 2048 fp32 = 10.5 GB) no rank holds a private copy; the ranks of a node share the page cache."""
+    parts = {"train": [], "eval": []}
     if cfg.mine.features in ("pretext", "both"):
-        parts_train.append(load_rows(np.load(ctx.run_dir / "embed" / "train.npy", mmap_mode="r")))
-        parts_eval.append(load_rows(np.load(ctx.run_dir / "embed" / "eval.npy", mmap_mode="r")))
+        for split in parts:
+            parts[split].append(np.load(ctx.run_dir / "embed" / f"{split}.npy", mmap_mode="r"))
     if cfg.mine.features in ("pixels", "both"):
         pca_mean, basis = pixel_pca(cfg, ctx)
         if ctx.is_main:  # read by scan.features=mined
             save_torch(ctx.stage_dir("mine") / "pca.pt", {"mean": pca_mean, "basis": basis})
-        mean, std = ctx.normalization
-        projector = PixelProjection(pca_mean, basis, mean, std).to(ctx.device)
-        for split, parts in (("train", parts_train), ("eval", parts_eval)):
-            parts.append(load_rows(infer(ctx, projector, split, desc=f"pixel PCA {split}",
-                                         out_path=ctx.stage_dir("mine") / f"{split}_pixel_pca.npy")))
-    train = torch.cat([F.normalize(p.float(), dim=1) for p in parts_train], dim=1)
-    evals = torch.cat([F.normalize(p.float(), dim=1) for p in parts_eval], dim=1)
-    return F.normalize(train, dim=1), F.normalize(evals, dim=1)
+        # The pixel half of the mined space, as scan.features=mined will read it (normalised, scaled: the scale
+        # disappears in the normalisation below).
+        projector = MinedSpace(None, cfg.mine.layer, ctx.pixel_shape, ctx.pca_dims)
+        projector.set_pca(pca_mean, basis, *ctx.normalization)
+        projector = projector.to(ctx.device).eval()
+        for split in parts:
+            parts[split].append(infer(ctx, projector, split, desc=f"pixel PCA {split}", stage="mine",
+                                      out_path=ctx.stage_dir("mine") / f"{split}_pixel_pca.npy"))
+    spaces = {}
+    for split, arrays in parts.items():
+        num, dim = len(arrays[0]), sum(a.shape[1] for a in arrays)
+        out = SharedRows(ctx.stage_dir("mine") / f"{split}_space.npy", num, (dim,), np.float32)
+        start, stop = comm.shard_range(num)
+        for first in range(start, stop, SPACE_CHUNK):
+            rows = slice(first, min(first + SPACE_CHUNK, stop))
+            joined = torch.cat([F.normalize(load_rows(a, rows), dim=1) for a in arrays], dim=1)
+            out.write(first, F.normalize(joined, dim=1).numpy())
+        out.close()
+        spaces[split] = np.load(ctx.stage_dir("mine") / f"{split}_space.npy", mmap_mode="c")  # shared until written
+    return spaces
 
 
-class PixelProjection(torch.nn.Module):
-    """Normalised images -> PCA coordinates of their [0, 1] pixels."""
-
-    def __init__(self, pca_mean, basis, mean, std):
-        super().__init__()
-        self.register_buffer("pca_mean", pca_mean.reshape(1, -1))
-        self.register_buffer("basis", basis)
-        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return ((images.float() * self.std + self.mean).flatten(1) - self.pca_mean) @ self.basis
+SPACE_CHUNK = 65536  # rows normalised at a time
 
 
-def drop_self(index: torch.Tensor, k: int) -> torch.Tensor:
-    """From top-(k+1) lists, remove each row's own index (wherever duplicates put it), else the last column."""
-    rows = torch.arange(len(index)).unsqueeze(1)
+def drop_self(index: torch.Tensor, k: int, first: int = 0) -> torch.Tensor:
+    """From top-(k+1) lists of rows first, first+1, ..., remove each row's own index (wherever duplicates put it),
+    else the last column."""
+    rows = torch.arange(first, first + len(index)).unsqueeze(1)
     is_self = index == rows
     has_self = is_self.any(dim=1)
     is_self[~has_self, -1] = True
@@ -97,40 +103,53 @@ def drop_self(index: torch.Tensor, k: int) -> torch.Tensor:
     return index[keep].reshape(len(index), k)
 
 
-def find_neighbors(vectors: torch.Tensor, k: int, backend: str, device, precision: str = "fp32") -> torch.Tensor:
-    """k neighbours of every row among the others.
+def shard_neighbors(vectors, k: int, backend: str, device, precision: str, start: int, stop: int) -> torch.Tensor:
+    """k neighbours (among all rows) of rows [start, stop): int64 [stop - start, k].
 
-    With N processes the *queries* are sharded: every rank holds the whole bank (the embed stage gathered it) and
-    searches its contiguous slice of the rows against all of it; the slices are gathered. Work and traffic per rank
-    then fall as 1/N. (Sharding the keys instead, kernels.knn_sharded, gives every rank all queries and gathers
-    N candidate lists per query: right only for a bank too large for one device.)
+    With N processes the *queries* are sharded: every rank reads the whole bank and searches its contiguous slice
+    of the rows against all of it, so work and traffic per rank fall as 1/N. (Sharding the keys instead,
+    kernels.knn_sharded, gives every rank all queries and gathers N candidate lists per query: right only for a
+    bank too large for one device.)
     """
     k = min(k, len(vectors) - 1)
     chosen = kernels.select_backend(backend, device)
-    start, stop = comm.shard_range(len(vectors))
+    vectors = torch.as_tensor(vectors)
     if chosen == "faiss":
         _, index = kernels.knn_faiss(vectors[start:stop], vectors, k + 1, metric="ip")
     else:
         bank = vectors.to(device)
         _, index = kernels.knn(bank[start:stop], bank, k + 1, metric="ip", backend=chosen, precision=precision)
-    return drop_self(comm.gather_rows(index.cpu()), k)
+    return drop_self(index.cpu(), k, first=start)
+
+
+def find_neighbors(vectors, k: int, backend: str, device, precision: str = "fp32") -> torch.Tensor:
+    """k neighbours of every row among the others, this rank's shard searched and all shards gathered."""
+    start, stop = comm.shard_range(len(vectors))
+    return comm.gather_rows(shard_neighbors(vectors, k, backend, device, precision, start, stop))
+
+
+def mine_split(cfg, ctx, vectors, k: int, path) -> np.ndarray:
+    """Neighbours of every row of `vectors`, written row-sharded to `path` (the stage's artifact) and mapped."""
+    k = min(k, len(vectors) - 1)
+    start, stop = comm.shard_range(len(vectors))
+    out = SharedRows(path, len(vectors), (k,), np.int64)
+    out.write(start, shard_neighbors(vectors, k, cfg.mine.backend, ctx.device, cfg.mine.precision, start,
+                                     stop).numpy())
+    return out.close()
 
 
 def run(cfg, ctx, config_hash: str) -> dict:
-    train, evals = search_space(cfg, ctx)
+    spaces = search_space(cfg, ctx)
     out_dir = ctx.stage_dir("mine")
-    train_nn = find_neighbors(train, cfg.mine.k, cfg.mine.backend, ctx.device, cfg.mine.precision)
-    eval_nn = find_neighbors(evals, cfg.mine.eval_k, cfg.mine.backend, ctx.device, cfg.mine.precision)
-    if ctx.is_main:
-        save_numpy(out_dir / "train_neighbors.npy", train_nn.numpy())
-        save_numpy(out_dir / "eval_neighbors.npy", eval_nn.numpy())
+    train_nn = mine_split(cfg, ctx, spaces["train"], cfg.mine.k, out_dir / "train_neighbors.npy")
+    eval_nn = mine_split(cfg, ctx, spaces["eval"], cfg.mine.eval_k, out_dir / "eval_neighbors.npy")
     metrics = {"k": int(train_nn.shape[1])}
     # Diagnostic only (never used by any later stage): how often neighbours share the label.
     if ctx.train_set.targets is not None:
-        metrics["train_neighbor_agreement"] = neighbor_agreement(ctx.train_set.targets, train_nn.numpy())
+        metrics["train_neighbor_agreement"] = neighbor_agreement(ctx.train_set.targets, np.asarray(train_nn))
         ctx.log.info("mine: %d-NN label agreement on train (diagnostic) %.4f", train_nn.shape[1],
                      metrics["train_neighbor_agreement"])
     if ctx.eval_set.targets is not None:
-        metrics["eval_neighbor_agreement"] = neighbor_agreement(ctx.eval_set.targets, eval_nn.numpy())
+        metrics["eval_neighbor_agreement"] = neighbor_agreement(ctx.eval_set.targets, np.asarray(eval_nn))
     return {"artifacts": {"train_neighbors": str(out_dir / "train_neighbors.npy"),
                           "eval_neighbors": str(out_dir / "eval_neighbors.npy")}, "metrics": metrics}

@@ -42,16 +42,28 @@ def draw_views(key: int, anchors: np.ndarray, slot: int, views: int) -> torch.Te
     return torch.from_numpy(np.minimum(np.floor(u * views).astype(np.int64), views - 1) + 1)
 
 
-def selection_losses(logits, neighbors, entropy_weight: float, chunk: int = 2048, eps: float = 1e-8) -> torch.Tensor:
+SELECT_CHUNK_BYTES = 128 << 20  # partner logits read per chunk of the head selection
+
+
+def selection_chunk(k: int, heads: int, classes: int, num: int) -> int:
+    """Anchors per chunk of the head selection, so that one chunk's partner logits take ~SELECT_CHUNK_BYTES."""
+    return int(min(num, max(1, SELECT_CHUNK_BYTES // max(1, k * heads * classes * 4))))
+
+
+def selection_losses(logits, neighbors, entropy_weight: float, chunk: int | None = None,
+                     eps: float = 1e-8) -> torch.Tensor:
     """Per-head SCAN loss over every (image, neighbour) pair of the evaluation set: lower is better.
 
     `logits` [H, N, C] (tensor or a memory-mapped array) and `neighbors` [N, k] are read a chunk of anchors at a
     time: the consistency term sums over pairs, and the entropy's mean prediction over the anchors repeated k times
     is the mean over the anchors. Memory is O(chunk * k * H * C), not O(N * k * H * C).
     """
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().cpu().float().numpy()
     heads, num, _ = logits.shape
     neighbors = np.asarray(neighbors)
     k = neighbors.shape[1]
+    chunk = chunk or selection_chunk(k, heads, logits.shape[2], num)
     consistency_sum = torch.zeros(heads, dtype=torch.float64)
     prob_sum = None
     for start in range(0, num, chunk):

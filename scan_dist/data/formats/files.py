@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from scan_dist.errors import DataError
+
 from .common import short_side_size
 from .folders import FileListing
 from .reader import BadImage, Reader
@@ -67,7 +69,9 @@ def probe_channels(root, names: list[str], on_bad_image: str) -> int:
         seen += 1
         if not _is_gray_mode(mode):
             return 3
-    return 1 if seen else 3
+    if not seen:
+        raise DataError(f"{root}: none of the {len(picks)} images probed is readable; check the files or data.path")
+    return 1
 
 
 def decode_file(path: str, resize_size: int, channels: int) -> torch.Tensor:
@@ -87,7 +91,7 @@ def decode_file(path: str, resize_size: int, channels: int) -> torch.Tensor:
             new_h, new_w = short_side_size(height, width, resize_size)
             if (new_w, new_h) != (width, height):
                 img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)
-            pixels = np.asarray(img)
+            pixels = np.array(img)  # a writable copy: torch tensors must own writable memory
         except Exception as exc:
             raise BadImage(f"{path}: {type(exc).__name__}: {exc}") from exc
     if pixels.ndim == 2:

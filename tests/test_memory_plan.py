@@ -1,0 +1,40 @@
+"""The --dry-run memory plan: ImageNet-1k on 8 nodes x 8 GPUs fits, and per-rank host memory is flat in N."""
+import subprocess
+import sys
+
+from scan_dist.config import load_config
+from scan_dist.memory_plan import format_memory_plan, plan_memory
+
+
+def stage(plan, name):
+    return next(s for s in plan["stages"] if s["stage"] == name)
+
+
+def test_imagenet1k_on_64_gpus_fits_a_node():
+    plan = plan_memory(load_config("imagenet1k"), world=64, tasks_per_node=8, gpu=True)
+    assert plan["train_images"] == 1281167 and plan["backbone_params"] > 20e6
+    assert 50 < plan["activation_mb_per_image_fp32"] < 150  # ResNet-50 at 224, counted on the meta device
+    for st in plan["stages"]:
+        assert st["host_gb_per_rank"] * 8 < 480, st  # the profile's 480 GB node
+        assert st["gpu_gb_per_rank"] < 80 * 0.9, st
+    # the decoded images never appear: the largest host item of any stage is far below N x 3 x 224 x 224
+    assert max(i["gb"] for st in plan["stages"] for i in st["items"] if i["where"] == "host") < 2
+
+
+def test_host_memory_per_rank_is_flat_in_the_number_of_images():
+    """Between ImageNet-50 and ImageNet-1k (x20 images) a rank's private host memory grows only by the reader's
+    index (file names) and its own share of the neighbour lists: nothing O(N x image) or O(N x D) is private."""
+    small = plan_memory(load_config("imagenet1k", ["data.max_images=64000"]), 64, 8, True)
+    big = plan_memory(load_config("imagenet1k"), 64, 8, True)
+    assert big["train_images"] == 20 * small["train_images"] + 1167
+    for name in ("embed", "scan", "selflabel"):
+        grow = stage(big, name)["host_gb_per_rank"] - stage(small, name)["host_gb_per_rank"]
+        assert grow < 0.1, (name, grow)  # 1.28M names x 48 B = 0.06 GB
+
+
+def test_dry_run_prints_the_memory_plan(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "scan_dist.launch", "--dry-run", "--run-dir", str(tmp_path / "r"),
+                          "demo"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "memory plan per rank" in out.stdout and "pretext" in out.stdout and "train images" in out.stdout
+    assert "host GB/rank" in format_memory_plan(plan_memory(load_config("demo"), 1, 1, False))
