@@ -309,9 +309,14 @@ def load_config(preset_or_yaml: str, overrides: list[str] | None = None) -> Conf
     path = _resolve_preset_path(preset_or_yaml)
     tree = _load_yaml(path)
     _check_keys(tree, str(path))
+    given = set()
     for item in overrides or []:
         key, value = _parse_override(item)
         _set_dotted(tree, key, value)
+        given.add(key)
+    if "data.path" in given and "data.format" not in given:
+        # A preset's data.format describes the preset's own data: pointed elsewhere, detect the format again.
+        _set_dotted(tree, "data.format", "auto")
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), tree)
         cfg: Config = OmegaConf.to_object(merged)

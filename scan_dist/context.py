@@ -74,6 +74,8 @@ class RunContext:
         data = self.cfg.data
         self.check_data_path()
         fmt = data.format if data.format != "auto" else detect_format(data.path)
+        if data.format == "auto" and split == "train":
+            self.log.info("data.format=auto: %s detected at %s", fmt, data.path)
         limit = data.max_images if split == "train" else data.max_eval_images
         listing = None
         if fmt in FILE_FORMATS:  # rank 0 walks the folder once; the others get its listing

@@ -27,9 +27,15 @@ from .io_utils import write_json
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
 
 
+# Data settings that decide how fast batches arrive, never what they hold (views are counter-based functions of the
+# sample): changing them must not rerun a stage.
+DATA_KEYS_WITHOUT_EFFECT = ("workers", "prefetch", "cache_dir")
+
+
 def _sections(cfg: Config) -> dict[str, list]:
+    data = {key: value for key, value in asdict(cfg.data).items() if key not in DATA_KEYS_WITHOUT_EFFECT}
     return {
-        "pretext": [cfg.data, cfg.augment, cfg.model, cfg.pretext, cfg.run.seed],
+        "pretext": [data, cfg.augment, cfg.model, cfg.pretext, cfg.run.seed],
         "embed": [cfg.mine.layer],
         "mine": [cfg.mine],
         "scan": [cfg.scan, cfg.num_clusters],

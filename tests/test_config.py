@@ -87,3 +87,11 @@ def test_section_hash_is_stable_and_sensitive():
 def test_random_init_needs_full_mode():
     with pytest.raises(ConfigError, match="scan.init=random"):
         load_config("demo", ["scan.init=random", "scan.mode=head"])
+
+
+def test_overriding_data_path_redetects_the_format_unless_it_is_given():
+    from scan_dist.config import load_config
+
+    assert load_config("demo").data.format == "idx"
+    assert load_config("demo", ["data.path=/my/photos"]).data.format == "auto"
+    assert load_config("demo", ["data.path=/my/photos", "data.format=flat"]).data.format == "flat"

@@ -99,3 +99,13 @@ def test_smoke_head_mode(tmp_path, fashion_mnist, overrides):
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["acc"] > 0.2 and metrics["stages"]["scan"]["best_head"] in range(3)
+
+
+def test_loader_settings_do_not_change_stage_hashes():
+    """data.workers / prefetch / cache_dir change how fast batches arrive, not what they hold: no stage reruns."""
+    from scan_dist.config import load_config
+    from scan_dist.pipeline import stage_hashes
+
+    base = stage_hashes(load_config("smoke"))
+    assert stage_hashes(load_config("smoke", ["data.workers=3", "data.prefetch=4", "data.cache_dir=/x"])) == base
+    assert stage_hashes(load_config("smoke", ["data.resize_size=40"]))["pretext"] != base["pretext"]
