@@ -168,6 +168,7 @@ class RunConfig:
     device: str = "auto"  # auto | cpu | cuda
     threads: Optional[int] = None  # torch intra-op threads; None: torch default
     checkpoint_every_steps: int = 200  # stage checkpoints (resume after a kill)
+    checkpoint_every_min: float = 30.0  # also checkpoint when this much time passed since the last one (0: off)
     progress: bool = True  # tqdm progress bars
     eval_batch_size: int = 1024
     baseline: bool = True  # compute the k-means-on-pixels baseline in the evaluate stage

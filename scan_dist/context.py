@@ -10,7 +10,7 @@ import torch
 
 import numpy as np
 
-from .config import Config
+from .config import Config, load_config
 from .data.formats import FILE_FORMATS, Reader, detect_format, list_files, open_dataset
 from .data.formats.common import existing_dir
 from .data.loaders import (BatchBuilder, BatchSource, EpochRequests, LoaderSettings, Partners, RangeRequests, Request,
@@ -65,9 +65,10 @@ class RunContext:
         data = self.cfg.data
         if not data.path or not Path(data.path).exists():
             shown = data.path or "(empty)"
+            fmt = data.format if data.format != "auto" else preset_format(self.cfg.name) or "auto"
             raise DataError(
-                f"data.path {shown} does not exist; preset {self.cfg.name!r} expects {data.format} data there: "
-                f"{LAYOUT_HINTS.get(data.format, LAYOUT_HINTS['auto'])}"
+                f"data.path {shown} does not exist; preset {self.cfg.name!r} expects {fmt} data there: "
+                f"{LAYOUT_HINTS.get(fmt, LAYOUT_HINTS['auto'])}"
             )
 
     def _open(self, split: str) -> Reader:
@@ -234,6 +235,14 @@ class RunContext:
         if self.cfg.model.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
+
+
+def preset_format(name: str) -> str | None:
+    """The data.format a preset declares (the hint for a missing folder when data.path was overridden)."""
+    try:
+        return load_config(name).data.format
+    except Exception:  # not a preset (a YAML file) or an unreadable one: no hint
+        return None
 
 
 def _cpus() -> int:

@@ -11,3 +11,7 @@ class ConfigError(ScanDistError):
 
 class DataError(ScanDistError):
     """Input data is missing, empty, unreadable or inconsistent; the message names the file or setting."""
+
+
+class TrainingError(ScanDistError):
+    """Training went wrong in a way a setting can fix (a loss or feature became NaN/inf); names stage and setting."""

@@ -25,7 +25,11 @@ from .errors import ConfigError, ScanDistError
 from .host_memory import tune_malloc
 from .io_utils import write_json, write_text
 from .logs import setup_logging
+from .dist import comm
 from .memory_plan import format_memory_plan, plan_memory
+from . import preemption
+from .preemption import Preempted
+from .run_lock import RunLock
 from .pipeline import plan, run_pipeline
 
 
@@ -83,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         if argv and argv[0] in ("status", "cancel"):
             return _job_command(argv)
         return _main(parse_args(argv))
+    except Preempted as exc:  # a signal stopped the run after a checkpoint: not an error of the user's
+        print(f"stopped: {exc}", file=sys.stderr)
+        return 143
     except ScanDistError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -229,6 +236,23 @@ def run_local(cfg: Config, run_dir: Path) -> int:
 def _run_rank(cfg: Config, run_dir: Path, env) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(run_dir, env.rank)
+    lock = RunLock(run_dir, log)
+    refusal = None
+    if env.is_main:
+        try:
+            lock.acquire()
+        except ConfigError as exc:
+            refusal = str(exc)
+    refusal = comm.broadcast_object(refusal)  # every rank stops together when the folder is taken
+    if refusal:
+        raise ConfigError(refusal)
+    try:
+        return _run_locked(cfg, run_dir, env, log)
+    finally:
+        lock.release()
+
+
+def _run_locked(cfg: Config, run_dir: Path, env, log) -> int:
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     if env.is_main:
@@ -238,6 +262,7 @@ def _run_rank(cfg: Config, run_dir: Path, env) -> int:
              env.world_size, cfg.dist.backend)
     if cfg.run.tune_malloc and ctx.device.type == "cpu":
         log.info(tune_malloc())
+    preemption.install()  # USR2 / SIGTERM: the running stage checkpoints at its next read, then stops
     if not cfg.run.kernel_self_check:  # left unset, the environment decides (SCAN_DIST_KERNEL_SELF_CHECK)
         from . import kernels
 

@@ -118,9 +118,11 @@ def run_pipeline(ctx: RunContext) -> dict:
             elapsed = time.perf_counter() - start
             comm.barrier()
             if ctx.is_main:
+                # DONE first: a kill between the two leaves a finished stage with a spare checkpoint, never a
+                # stage whose checkpoint is gone but which is not marked done.
+                write_json(run_dir / name / "DONE", {"config_hash": hashes[name], "seconds": elapsed, **result})
                 (run_dir / name / "checkpoint.pt").unlink(missing_ok=True)
                 shutil.rmtree(run_dir / name / "checkpoint_shards", ignore_errors=True)
-                write_json(run_dir / name / "DONE", {"config_hash": hashes[name], "seconds": elapsed, **result})
             comm.barrier()
             ctx.log.info("stage %s: done in %.1f s", name, elapsed)
         else:

@@ -31,7 +31,8 @@ from tqdm import tqdm
 from .data.sampling import steps_per_epoch
 from .dist import comm
 from .dist.checkpoint import load_checkpoint, restore, save_checkpoint
-from .errors import ConfigError
+from . import preemption
+from .errors import ConfigError, TrainingError
 
 
 @dataclass
@@ -84,15 +85,19 @@ class RunningMeans:
             entry[0] = entry[0] + value
             entry[1] += 1
 
-    def read(self) -> dict[str, float]:
-        """Fold the unread sums in (averaged over ranks) and return the running mean of each key."""
-        if self._unread:
-            sums = comm.mean_over_ranks({key: entry[0] for key, entry in self._unread.items()})
+    def read(self, flags: dict[str, float] | None = None) -> dict[str, float]:
+        """Fold the unread sums in (averaged over ranks) and return the running mean of each key. `flags` (floats)
+        ride on the same all-reduce: their means over ranks are returned under the same keys, not stored."""
+        flags = dict(flags or {})
+        if self._unread or flags:
+            sums = comm.mean_over_ranks({**{key: entry[0] for key, entry in self._unread.items()}, **flags})
+            for key in flags:
+                flags[key] = sums.pop(key)
             for key, entry in self._unread.items():
                 total, count = self.totals.get(key, (0.0, 0))
                 self.totals[key] = (total + sums[key], count + entry[1])
             self._unread = {}
-        return {key: total / max(count, 1) for key, (total, count) in self.totals.items()}
+        return {**{key: total / max(count, 1) for key, (total, count) in self.totals.items()}, **flags}
 
 
 class IndexSource:
@@ -127,6 +132,9 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
                           f"use a batch size divisible by {world}")
     epoch, step, history, running = 0, 0, [], RunningMeans()
     payload = load_checkpoint(ckpt_path, config_hash)
+    if payload is None and ckpt_path.is_file():
+        ctx.log.warning("%s: ignoring the checkpoint %s: it was written under other settings (the stage starts over)",
+                        stage, ckpt_path)
     if payload is not None and sharded and not optimizer.load_sharded(shard_dir, payload["position"].get("shard_tag")):
         payload = None  # the position file without its shards cannot be resumed
     if payload is not None:
@@ -135,8 +143,29 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
         history, running = payload["position"]["history"], RunningMeans(payload["position"]["sums"])
         ctx.log.info("%s: resuming at epoch %d, step %d from %s", stage, epoch + 1, step, ckpt_path)
 
+    last_read = [step]
+    every_s = 60.0 * float(getattr(ctx.cfg.run, "checkpoint_every_min", 0) or 0)
+    last_saved = [time.monotonic()]
+
+    def read() -> tuple[dict[str, float], bool, bool]:
+        """(running means, stop at a signal, a timed checkpoint is due), the same on every rank: the flags ride on
+        the all-reduce of the logged values. A non-finite mean stops the stage (every rank reads the same values,
+        so all stop)."""
+        due = every_s > 0 and time.monotonic() - last_saved[0] >= every_s
+        means = running.read({"_stop": float(preemption.pending()), "_due": float(due)})
+        stop, due = means.pop("_stop") > 0, means.pop("_due") > 0
+        bad = {key: value for key, value in means.items() if not math.isfinite(value)}
+        if bad:
+            key, value = next(iter(bad.items()))
+            raise TrainingError(f"{stage}: {key} became {value} in epoch {epoch + 1}, steps {last_read[0] + 1}-{step}; "
+                                f"{_likely_cause(ctx.cfg, stage)}; the stage stopped without marking itself done and "
+                                "resumes from its last good checkpoint once the setting is fixed")
+        last_read[0] = step
+        return means, stop, due
+
     def checkpoint():
-        running.read()
+        read()
+        last_saved[0] = time.monotonic()
         position = {"epoch": epoch, "step": step, "history": history, "sums": running.totals}
         if sharded:
             # A new tag per checkpoint: the position file (written last, atomically) names complete shards only;
@@ -154,35 +183,57 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
     every = max(1, ctx.cfg.run.checkpoint_every_steps)
     started, waited = time.perf_counter(), source.wait_s
     try:
-        while epoch < epochs:
-            epoch_start, epoch_wait = time.perf_counter(), source.wait_s
-            bar = tqdm(total=per_epoch, initial=step, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="step",
-                       disable=not (ctx.cfg.run.progress and comm.is_main()), leave=False, dynamic_ncols=True)
-            for batch_data in source.epoch(epoch, step):
-                if schedule is not None and optimizer is not None:
-                    schedule.apply(optimizer, epoch * per_epoch + step)
-                running.add(step_fn(batch_data))
-                step += 1
-                bar.update(1)
-                if step % READ_EVERY == 0:
-                    bar.set_postfix({k: f"{v:.4f}" for k, v in running.read().items()}, refresh=False)
-                if step % every == 0 and step < per_epoch:
-                    checkpoint()
-            bar.close()
-            means = running.read()
-            history.append(means)
-            wall, wait = time.perf_counter() - epoch_start, source.wait_s - epoch_wait
-            ctx.log.info("%s epoch %d/%d: %s; waited %.1f s for data (%.1f%% of %.1f s)", stage, epoch + 1, epochs,
-                         ", ".join(f"{k}={v:.4f}" for k, v in means.items()), wait, 100 * wait / max(wall, 1e-9),
-                         wall)
-            epoch, step, running = epoch + 1, 0, RunningMeans()
-            checkpoint()
+        with preemption.in_training_loop():  # a signal now waits for the next read (checkpoint there)
+            while epoch < epochs:
+                epoch_start, epoch_wait = time.perf_counter(), source.wait_s
+                bar = tqdm(total=per_epoch, initial=step, desc=f"{stage} epoch {epoch + 1}/{epochs}", unit="step",
+                           disable=not (ctx.cfg.run.progress and comm.is_main()), leave=False, dynamic_ncols=True)
+                for batch_data in source.epoch(epoch, step):
+                    if schedule is not None and optimizer is not None:
+                        schedule.apply(optimizer, epoch * per_epoch + step)
+                    running.add(step_fn(batch_data))
+                    step += 1
+                    bar.update(1)
+                    if step % READ_EVERY == 0 and step < per_epoch:
+                        means, stop, due = read()
+                        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
+                        if stop or due:
+                            checkpoint()
+                            if stop:
+                                bar.close()
+                                preemption.handover(f"{stage} at epoch {epoch + 1}, step {step}", ctx.log.warning)
+                            continue
+                    if step % every == 0 and step < per_epoch:
+                        checkpoint()
+                bar.close()
+                means, stop, _ = read()
+                history.append(means)
+                wall, wait = time.perf_counter() - epoch_start, source.wait_s - epoch_wait
+                ctx.log.info("%s epoch %d/%d: %s; waited %.1f s for data (%.1f%% of %.1f s)", stage, epoch + 1, epochs,
+                             ", ".join(f"{k}={v:.4f}" for k, v in means.items()), wait, 100 * wait / max(wall, 1e-9),
+                             wall)
+                epoch, step, running = epoch + 1, 0, RunningMeans()
+                last_read[0] = 0
+                checkpoint()
+                if stop:
+                    preemption.handover(f"{stage} at the end of epoch {epoch}", ctx.log.warning)
     finally:
         source.close()
     record_data_wait(ctx, stage, time.perf_counter() - started, source.wait_s - waited)
     if hasattr(ctx, "report_skips"):
         ctx.report_skips(stage, "train", source.bad)
     return history
+
+
+def _likely_cause(cfg, stage: str) -> str:
+    """The setting most likely at fault for a diverged stage, as advice."""
+    section = getattr(cfg, stage, None)
+    lr = getattr(section, "lr", None)
+    advice = f"{stage}.lr={lr} is the most likely cause: lower it" if lr is not None else "lower the learning rate"
+    precision = getattr(getattr(cfg, "dist", None), "precision", "fp32")
+    if precision == "fp16":
+        advice += " (or use dist.precision=bf16: fp16 overflows easily)"
+    return advice
 
 
 def record_data_wait(ctx, stage: str, wall_s: float, wait_s: float) -> None:

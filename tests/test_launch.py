@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -119,3 +120,31 @@ def test_exit_process_skips_teardown_only_for_torchrun_ranks(torchrun_rank):
     assert proc.returncode == 3
     assert "logged before exit" in proc.stderr
     assert ("teardown ran" in proc.stdout) is not torchrun_rank
+
+
+@pytest.mark.slow
+def test_diverging_loss_stops_the_stage_with_one_error_line(tmp_path):
+    """pretext.lr=1e12 makes every loss NaN: the stage stops at the next read of the logged values with one
+    `error:` line naming stage, epoch, steps, value and setting; exit 2; no DONE; nothing after it runs."""
+    run_dir = tmp_path / "run"
+    failed = run_cli("--run-dir", str(run_dir), "smoke", "pretext.lr=1e12", "run.progress=false")
+    assert_one_line_error(failed, "pretext: loss became nan in epoch 1", alone=False)
+    assert "pretext.lr=1000000000000.0 is the most likely cause" in failed.stderr
+    assert not (run_dir / "pretext" / "DONE").exists() and not (run_dir / "embed").exists()
+
+
+@pytest.mark.slow
+def test_second_launch_on_a_busy_run_folder_fails_at_once(tmp_path):
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "scan_dist.launch", "--run-dir", str(run_dir), "smoke",
+                              "run.progress=false", "pretext.epochs=3"], stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (run_dir / ".lock").exists() and time.time() < deadline and first.poll() is None:
+            time.sleep(0.05)
+        second = run_cli("--run-dir", str(run_dir), "smoke", "run.progress=false")
+        assert_one_line_error(second, "is in use by pid", str(first.pid), alone=False)
+    finally:
+        first.kill()
+        first.wait()

@@ -118,3 +118,29 @@ def test_status_and_cancel_a_live_job(slurm_cluster, fashion_mnist, tmp_path):  
     cancelled = launch("cancel", str(run_dir))
     assert cancelled.returncode == 0 and job_id in cancelled.stdout
     wait_for(lambda: job_field(job_id, "JobState") in (None, "CANCELLED"), 60, "the cancellation")
+
+
+def test_usr2_checkpoints_at_the_next_read_so_no_step_is_redone(slurm_cluster, fashion_mnist, tmp_path):  # noqa: F811
+    """A preemption warning (USR2 to every task, as SLURM sends before the time limit) mid-epoch, with no periodic
+    checkpoint in sight: the stage checkpoints at its next read (every 20 steps), rank 0 requeues the job, and the
+    requeued job resumes at exactly that step -- nothing after the last periodic checkpoint is redone."""
+    run_dir = tmp_path / "usr2"
+    job_id = submit(run_dir, "run.checkpoint_every_steps=1000", "data.max_images=2048", "pretext.batch_size=32",
+                    "pretext.epochs=2", "slurm.max_requeues=3")
+    wait_for(lambda: "pretext: running" in ((run_dir / "log.txt").read_text() if (run_dir / "log.txt").exists()
+                                             else ""), 300, "the pretext stage")
+    time.sleep(8)  # some steps into the epoch (64 steps of 32 images each)
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)
+    state = cluster.wait(job_id, run_dir, timeout_s=900)
+    assert state == "COMPLETED", state + _task_logs(run_dir)
+    log = (run_dir / "log.txt").read_text()
+    import re
+
+    mid = re.search(r"USR2: checkpointed pretext at epoch (\d+), step (\d+)", log)
+    end = re.search(r"USR2: checkpointed pretext at the end of epoch (\d+)", log)
+    assert mid or end, log[-3000:]
+    if mid:  # the usual case: mid-epoch, at a multiple of the read interval
+        assert f"pretext: resuming at epoch {mid.group(1)}, step {mid.group(2)}" in log
+        assert int(mid.group(2)) % 20 == 0 and int(mid.group(2)) > 0
+    else:  # the signal came during the last steps of an epoch: its end checkpoint served
+        assert f"pretext: resuming at epoch {int(end.group(1)) + 1}, step 0" in log

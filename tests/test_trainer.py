@@ -129,7 +129,8 @@ def test_logged_values_are_read_every_few_steps_not_every_step(tmp_path, monkeyp
     reads_per_step = []
     history = run_epochs(FakeContext(tmp_path, every=1000), "stage", "hash", {},
                          IndexSource(EpochRequests(45, 1, 0, "stage", 0, 1)), 2, step)
-    per_epoch = 45 // trainer.READ_EVERY + 1  # every READ_EVERY steps, then the epoch end (the checkpoint: nothing new)
+    # every READ_EVERY steps, the epoch end, and its checkpoint (no new values, but the signal/timer flags ride along)
+    per_epoch = 45 // trainer.READ_EVERY + 2
     assert len(reads) == 2 * per_epoch
     assert history[0]["loss"] == pytest.approx(float(values[:45].mean()))
     assert history[1]["loss"] == pytest.approx(float(values[45:].mean()))
@@ -147,3 +148,46 @@ def test_running_means_resume_from_saved_totals():
     resumed.add({"loss": torch.tensor(7.0)})
     assert resumed.read() == {"loss": pytest.approx(4.0)}
     assert resumed.totals["loss"][1] == 4
+
+
+def test_a_signal_checkpoints_at_the_next_read_and_the_resume_redoes_nothing(tmp_path):
+    """SIGTERM mid-epoch (every 1000 steps a periodic checkpoint: none in this epoch) stops the loop at its next read
+    after a checkpoint there; the relaunch starts at that step and ends where an uninterrupted run ends."""
+    import os
+    import signal
+
+    from scan_dist import preemption, trainer
+
+    reference, ref_history, _ = train(FakeContext(tmp_path / "a", every=1000))
+    ctx = FakeContext(tmp_path / "b", every=1000)
+    preemption.install()
+    try:
+        calls_before = []
+
+        def train_with_signal():
+            torch.manual_seed(0)
+            model = torch.nn.Linear(4, 1)
+            optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+            data = torch.randn(40, 4)
+
+            def step(batch):
+                calls_before.append(batch["index"].tolist())
+                if len(calls_before) == 3:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                loss = (model(data[batch["index"]]) ** 2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                return {"loss": loss.item()}
+
+            source = IndexSource(EpochRequests(40, 1, seed=3, stream="stage", rank=0, world=1))
+            run_epochs(ctx, "stage", "hash", {"model": model, "optimizer": optimizer}, source, 1, step, optimizer)
+
+        with pytest.raises(preemption.Preempted, match="SIGTERM.*epoch 1, step 20"):
+            train_with_signal()
+        assert len(calls_before) == trainer.READ_EVERY  # stopped at the first read after the signal
+        saved = torch.load(ctx.run_dir / "stage" / "checkpoint.pt", weights_only=True)
+        assert saved["position"]["step"] == trainer.READ_EVERY
+    finally:
+        preemption.uninstall()
+    assert ref_history  # the reference ran to the end undisturbed

@@ -10,6 +10,7 @@ from tqdm import tqdm
 from ..data.loaders import ViewSpec
 from ..dist import comm
 from ..dist.shared_rows import SharedRows
+from ..errors import TrainingError
 
 
 def make_optimizer(name: str, groups: list[dict], weight_decay: float, momentum: float) -> torch.optim.Optimizer:
@@ -56,3 +57,12 @@ def load_rows(array: np.ndarray, rows=None) -> torch.Tensor:
     """A writable float32 tensor copy of (rows of) a memory-mapped array."""
     part = array if rows is None else array[rows]
     return torch.from_numpy(np.array(part, dtype=np.float32))
+
+
+def require_finite(array, what: str, advice: str, chunk: int = 65536) -> None:
+    """Raise TrainingError (one line: what, where, advice) when a (memory-mapped) array holds a NaN or inf."""
+    for start in range(0, len(array), chunk):
+        block = np.asarray(array[start:start + chunk])
+        if not np.isfinite(block).all():
+            row = start + int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))[0])
+            raise TrainingError(f"{what} are not finite (first at row {row}); {advice}")

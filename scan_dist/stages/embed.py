@@ -1,12 +1,10 @@
 """Stage 2, embed: the pretext model embeds every training and evaluation image (no augmentation, eval mode)."""
 from __future__ import annotations
 
-import numpy as np
 import torch.nn.functional as F
 
-from ..errors import DataError
 from ..models import build
-from .common import infer
+from .common import infer, require_finite
 
 
 def run(cfg, ctx, config_hash: str) -> dict:
@@ -23,8 +21,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
     for split in ("train", "eval"):
         path = out_dir / f"{split}.npy"  # every rank writes its rows; memory-mapped by the mine stage
         features = infer(ctx, embed_fn, split, desc=f"embed {split}", out_path=path)
-        if not np.isfinite(features[: min(len(features), 4096)]).all():
-            raise DataError(f"embed: the pretext model's {split} features are not finite (NaN/inf); the pretext "
-                            "stage diverged -- lower pretext.lr and rerun")
+        require_finite(features, f"embed: the pretext model's {split} features",
+                       "the pretext model diverged: lower pretext.lr (or check model.pretrained) and rerun")
         artifacts[split] = str(path)
     return {"artifacts": artifacts, "metrics": {"dim": int(features.shape[1])}}

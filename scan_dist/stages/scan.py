@@ -25,7 +25,7 @@ from ..io_utils import load_torch, save_torch
 from ..losses import scan_objective
 from ..models import build
 from ..trainer import IndexSource, Schedule, run_epochs
-from .common import infer, make_optimizer
+from .common import infer, make_optimizer, require_finite
 from .feature_cache import build_cache
 
 
@@ -106,6 +106,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
 
     model.eval()
     eval_logits = infer(ctx, model, "eval", desc="scan select", out_path=ctx.stage_dir("scan") / EVAL_LOGITS)
+    require_finite(np.load(ctx.stage_dir("scan") / EVAL_LOGITS, mmap_mode="r"), "scan: the heads' evaluation logits",
+                   f"the SCAN training diverged: lower scan.lr={s.lr} and rerun")
     eval_neighbors = np.load(ctx.run_dir / "mine" / "eval_neighbors.npy", mmap_mode="r")
     losses = selection_losses(eval_logits, eval_neighbors, s.select_entropy_weight)
     best = int(torch.argmin(losses))
