@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from . import _dispatch, _selfcheck
+from ._collectives import all_reduce_sum
 
 __all__ = ["scan_loss", "scan_loss_reference", "partial_sums"]
 
@@ -167,45 +168,6 @@ def scan_loss_reference(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_
 # --------------------------------------------------------------------------- #
 # Distributed reduction
 # --------------------------------------------------------------------------- #
-class _AllReduceSum(torch.autograd.Function):
-    """SUM all-reduce whose backward *averages* the incoming gradients over ranks.
-
-    Why not ``torch.distributed.nn.functional.all_reduce``: its backward sums
-    the incoming gradients over ranks (checked on torch 2.14).  Here every rank
-    computes the *same* global loss from the reduced tensor, so every rank gets
-    the same upstream gradient g and a sum hands each rank ``W * g``: the
-    gradient would be W times the single-process one.  Treating the W identical
-    per-rank losses as one objective, their *mean* is the global loss, so the
-    backward averages instead of summing.  Each rank then gets exactly
-    d(global loss)/d(its rows); if ranks pass different grad_outputs it gets the
-    gradient of their average, still well defined.  Owning the Function (rather
-    than rescaling torch's) keeps this independent of how a given torch version
-    defines that backward.
-    """
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:  # type: ignore[override]
-        import torch.distributed as dist
-
-        ctx.group = group
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        import torch.distributed as dist
-
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad / dist.get_world_size(ctx.group), None
-
-
-def _global_sum(tensor: Tensor, group) -> Tensor:
-    """Differentiable global sum with single-process gradients (see :class:`_AllReduceSum`)."""
-    return _AllReduceSum.apply(tensor, group)
-
-
 def _dist_active(process_group) -> bool:
     if process_group is None:
         return False
@@ -226,16 +188,15 @@ def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: fl
         process_group: ``None`` for a single process.  When a group object is
             passed (and its world size is > 1) the class-probability sum, the
             sum of per-sample consistency terms and the batch size are summed
-            over the group in one differentiable all-reduce (whose backward
-            averages over ranks, see :class:`_AllReduceSum`), so ``pbar`` and the
-            consistency mean are over the global batch.  Then every rank returns
-            the global loss, and the gradient a rank gets w.r.t. its local
-            logits equals the single-process gradient of the global loss w.r.t.
-            those rows (not W times it).  Note that a
-            DDP-style gradient *average* over ranks of parameter gradients then
-            yields 1/W of the single-process parameter gradient; use a sum (or
-            scale by W) to recover it exactly.  Local batches may differ in size
-            (even be empty) as long as the global batch is non-empty.
+            over the group in one differentiable all-reduce
+            (:func:`._collectives.all_reduce_sum`, whose backward sums over
+            ranks), so ``pbar`` and the consistency mean are over the global
+            batch.  Every rank returns the global loss; back-propagated on W
+            ranks, each rank gets W x the single-process gradient w.r.t. its
+            rows, and a DDP gradient *average* over ranks gives exactly the
+            single-process parameter gradient (the project's one rule, see
+            :mod:`._collectives`).  Local batches may differ in size (even be
+            empty) as long as the global batch is non-empty.
         eps: clamp for ``pbar`` inside the entropy's log.
         backend: ``"auto"`` (Triton on CUDA, torch otherwise), ``"triton"`` or
             ``"torch"``; see :mod:`._dispatch`.  Selects only how the per-rank
@@ -263,7 +224,7 @@ def scan_loss(anchor_logits: Tensor, neighbor_logits: Tensor, entropy_weight: fl
     # The count travels as fp32 (exact up to 2**24 samples) and carries no gradient.
     count = torch.full((1,), float(batch), dtype=prob_sum.dtype, device=prob_sum.device)
     packed = torch.cat([prob_sum.reshape(-1), consistency_sum, count])
-    reduced = _global_sum(packed, process_group)
+    reduced = all_reduce_sum(packed, process_group)
     g_prob_sum = reduced[: heads * classes].view(heads, classes)
     g_consistency_sum = reduced[heads * classes: heads * classes + heads]
     g_count = reduced[-1].detach()

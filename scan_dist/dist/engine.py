@@ -35,9 +35,11 @@ Gradient semantics: DDP and DeepSpeed *average* gradients over ranks. So a loss 
 batch gives the gradient of the global-batch mean (equal local batch sizes), exactly as one process on the global
 batch; a loss computed from `all_gather(..., grad=True)` rows whose per-rank values average to the global loss (e.g.
 NT-Xent with each rank scoring its own anchors against all gathered candidates) also needs no scale, because the
-gather's backward sums the gradients of every rank's copy; a loss that is already the *global* loss on every rank
-and whose cross-rank reduction averages gradients in backward (the SCAN loss with `process_group`) must be passed
-with ``backward(loss, scale=world_size)``. Gradient accumulation divides by `grad_accum_steps`, so k micro-batches
+gather's backward sums the gradients of every rank's copy; a loss that is already the *global* loss on every rank,
+built with the one differentiable cross-rank sum (`kernels/_collectives.py::all_reduce_sum`, whose backward sums:
+the SCAN loss with `process_group`), also needs no scale; a loss that is a rank's *share* of the global loss (the
+self-labelling cross-entropy with global class counts) is passed with ``backward(loss, scale=world_size)``.
+Gradient accumulation divides by `grad_accum_steps`, so k micro-batches
 of size b equal one batch of size k*b.
 
 Precision: bf16/fp16 run `forward` under `torch.autocast(env.device.type)` (DeepSpeed: its own autocast, same
@@ -60,6 +62,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import ConfigError
+from ..kernels._collectives import all_reduce_sum
 from .env import DistEnv, detect, export_environ, init_process_group
 
 log = logging.getLogger(__name__)
@@ -73,24 +76,6 @@ _REDUCE_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.R
 # --------------------------------------------------------------------------- #
 # Differentiable collectives (torch.distributed.nn.functional is deprecated from torch 2.14 on)
 # --------------------------------------------------------------------------- #
-class _AllReduceSum(torch.autograd.Function):
-    """SUM all-reduce; backward is the SUM all-reduce of the gradients (each rank's input feeds every rank's output,
-    so its gradient is the sum of all ranks' output gradients)."""
-
-    @staticmethod
-    def forward(ctx, tensor: Tensor, group) -> Tensor:  # type: ignore[override]
-        ctx.group = group
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):  # type: ignore[override]
-        grad = grad.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(grad, op=dist.ReduceOp.SUM, group=ctx.group)
-        return grad, None
-
-
 class _AllGatherRows(torch.autograd.Function):
     """All ranks' rows concatenated in rank order; backward sums the gradients every rank computed for this rank's
     rows (reduce-scatter on nccl; all-reduce and a slice elsewhere: gloo has no reduce-scatter)."""
@@ -149,13 +134,13 @@ class CpuSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         shape = [1, channels] + [1] * (input.dim() - 2)
         x = input.float()
         count = torch.tensor([float(input.numel() // channels)], dtype=torch.float32, device=input.device)
-        totals = _AllReduceSum.apply(torch.cat([x.sum(dims), count]), group)
+        totals = all_reduce_sum(torch.cat([x.sum(dims), count]), group)
         n = totals[-1].detach()  # a count: no gradient
         if float(n) <= 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got {int(n)} in the global batch")
         mean = totals[:-1] / n
         centered = x - mean.view(shape)
-        var = _AllReduceSum.apply((centered * centered).sum(dims), group) / n
+        var = all_reduce_sum((centered * centered).sum(dims), group) / n
         out = centered * torch.rsqrt(var + self.eps).view(shape)
         if self.affine:
             out = out * self.weight.float().view(shape) + self.bias.float().view(shape)

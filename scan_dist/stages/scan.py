@@ -140,11 +140,12 @@ def _scan_step(logits_fn, engine, entropy_weight, loss_backend):
     def step(batch):
         logits = logits_fn(batch)
         half = logits.shape[1] // 2
-        # pbar is the mean over the global batch; every rank gets the global loss, hence scale = world size.
+        # pbar is the mean over the global batch: every rank holds the global loss, built with the sum-backward
+        # all-reduce, so DDP's gradient average already yields its gradient (kernels/_collectives.py: scale 1).
         loss, total, consistency, entropy = scan_objective(logits[:, :half], logits[:, half:],
                                                            entropy_weight, process_group=engine.process_group,
                                                            backend=loss_backend)
-        engine.backward(loss, scale=engine.world_size)
+        engine.backward(loss)
         engine.step()
         return {"loss": total.detach().mean(), "consistency": consistency.detach().mean(),
                 "entropy": entropy.detach().mean()}
