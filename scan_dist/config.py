@@ -173,6 +173,7 @@ class RunConfig:
     eval_batch_size: int = 1024
     baseline: bool = True  # compute the k-means-on-pixels baseline in the evaluate stage
     tune_malloc: bool = True  # CPU runs on glibc: keep freed host memory for reuse (host_memory.py)
+    tensorboard: bool = False  # also write the history's scalars to RUN_DIR/tb/ (needs `pip install -e .[tensorboard]`)
     kernel_self_check: bool = True  # CUDA: check each Triton kernel against its torch reference at first use and
     #                                 fall back to torch (with one warning) on a mismatch or error
 

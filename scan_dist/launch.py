@@ -108,7 +108,15 @@ def _job_command(argv: list[str]) -> int:
     from . import cluster
 
     if argv[0] == "status":
+        if not (run_dir / "jobs.json").is_file():  # a local run: its history says where it is
+            from .history import format_status
+
+            if not run_dir.is_dir():
+                raise ConfigError(f"status: {run_dir} is not a run folder")
+            print(format_status(run_dir))
+            return 0
         print(cluster.status_text(run_dir))
+        print(format_status(run_dir).split("\n", 1)[1])
         return 0
     cancelled = cluster.cancel(run_dir)
     print(f"cancelled {', '.join(cancelled)}" if cancelled else "no running or queued job to cancel")
@@ -272,7 +280,8 @@ def _run_locked(cfg: Config, run_dir: Path, env, log) -> int:
         return 0
     print()
     print("Time per stage")
-    print(report.format_time_table({k: v for k, v in summary["seconds"].items() if k != "total"}))
+    print(report.format_time_table({k: v for k, v in summary["seconds"].items() if k != "total"},
+                                   {k: v.get("images_per_s") for k, v in summary["stages"].items()}))
     print()
     print(report.format_metrics_table(summary["final"], summary.get("baseline_kmeans_pixels")))
     print(f"\nartifacts in {run_dir}: metrics.json report.md assignments.csv confusion.png prototypes.png log.txt")

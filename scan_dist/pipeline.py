@@ -22,6 +22,7 @@ import torch
 from . import report
 from .config import Config, section_hash
 from .context import RunContext
+from .curves import write_curves_png
 from .dist import comm
 from .io_utils import write_json
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
@@ -155,8 +156,9 @@ def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict) -> dict:
                       "scan.epochs": cfg.scan.epochs, "scan.num_heads": cfg.scan.num_heads,
                       "selflabel.enabled": cfg.selflabel.enabled, "selflabel.epochs": cfg.selflabel.epochs,
                       "seed": cfg.run.seed}
+    has_curves = write_curves_png(run_dir / "curves.png", run_dir)
     report.write_report_md(run_dir / "report.md", {**final, "stages": _numeric_stage_metrics(stage_metrics)},
-                           seconds, config_summary, evaluation.get("kmeans_pixels"))
+                           seconds, config_summary, evaluation.get("kmeans_pixels"), curves=has_curves)
     return summary
 
 

@@ -251,12 +251,15 @@ def _plain_table(header: Sequence[str], rows: Sequence[Sequence[str]], left_cols
     return "\n".join([line(header), rule, *(line(r) for r in rows)])
 
 
-def format_time_table(stage_seconds: Mapping[str, float]) -> str:
-    """Aligned stage / seconds / m:ss table with a closing total row."""
+def format_time_table(stage_seconds: Mapping[str, float], images_per_s: Mapping[str, Any] | None = None) -> str:
+    """Aligned stage / seconds / m:ss table with a closing total row; with `images_per_s`, a column of the training
+    stages' throughput (images of the global batch per second of their loops)."""
     rows, total = _split_total(stage_seconds)
-    body = [[name, f"{sec:.1f}", _mss(sec)] for name, sec in rows]
-    body.append(["total", f"{total:.1f}", _mss(total)])
-    return _plain_table(["stage", "seconds", "m:ss"], body)
+    rates = images_per_s or {}
+    body = [[name, f"{sec:.1f}", _mss(sec)] + ([f"{rates[name]:.0f}" if rates.get(name) else "-"] if rates else [])
+            for name, sec in rows]
+    body.append(["total", f"{total:.1f}", _mss(total)] + (["-"] if rates else []))
+    return _plain_table(["stage", "seconds", "m:ss"] + (["images/s"] if rates else []), body)
 
 
 def _score_rows(metrics: Mapping[str, Any], baseline: Mapping[str, Any] | None) -> list[list[str]]:
@@ -306,7 +309,8 @@ def _flatten(config: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any
 
 
 def write_report_md(path: str | os.PathLike, metrics: Mapping[str, Any], stage_seconds: Mapping[str, float],
-                    config_summary: Mapping[str, Any], baseline: Mapping[str, Any] | None = None) -> None:
+                    config_summary: Mapping[str, Any], baseline: Mapping[str, Any] | None = None,
+                    curves: bool = False) -> None:
     """Writes the human-readable run summary (scores in %, stage times, per-stage scores, artifacts, config)."""
     lines = ["# SCAN: learning to classify images without labels", ""]
 
@@ -343,6 +347,8 @@ def write_report_md(path: str | os.PathLike, metrics: Mapping[str, Any], stage_s
     lines += ["", "## Artifacts", ""]
     lines += [f"- [{label}]({name})" for label, name in _ARTIFACTS]
     lines += ["", "![Confusion matrix](confusion.png)", "", "![Cluster prototypes](prototypes.png)"]
+    if curves:
+        lines += ["", "![Training curves (history.jsonl)](curves.png)"]
 
     config_items = _flatten(config_summary)
     if config_items:

@@ -3,7 +3,7 @@
 A stage supplies a batch source (`ctx.batches(...)`: augmented views built by loader workers; or `IndexSource`
 for stages that train on stored features) and `step_fn(batch) -> dict of scalars` (forward, backward, optimiser
 step on one batch; 0-d tensors left on the device, or floats); the loop owns everything around it. The logged
-values are summed where they are and read every `READ_EVERY` steps, at checkpoints and at epoch ends: a step
+values are summed where they are and read every `read_interval()` steps (at most READ_EVERY), at checkpoints and at epoch ends: a step
 itself never waits for the device or for the other ranks just to log. Checkpoints every
 `run.checkpoint_every_steps` steps and at each epoch end hold the loop position and the running loss sums with
 the model and optimiser states. No RNG state: every random choice of a batch (order, views, neighbours) is a
@@ -33,6 +33,7 @@ from .dist import comm
 from .dist.checkpoint import load_checkpoint, restore, save_checkpoint
 from . import preemption
 from .errors import ConfigError, TrainingError
+from .history import HistoryWriter
 
 
 @dataclass
@@ -63,8 +64,13 @@ class Schedule:
             group["lr"] = base * factor
 
 
-# Steps between reads of the logged values (progress bar): each read is one host sync and one small all-reduce.
+# Steps between reads of the logged values (progress bar, history point, signal check): each read is one host sync
+# and one small all-reduce. Short epochs read more often, so a small run still draws a curve.
 READ_EVERY = 20
+
+
+def read_interval(steps_per_epoch: int) -> int:
+    return max(1, min(READ_EVERY, steps_per_epoch // 8))
 
 
 class RunningMeans:
@@ -181,7 +187,35 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
         comm.barrier()  # nobody runs ahead of a checkpoint that is still being written
 
     every = max(1, ctx.cfg.run.checkpoint_every_steps)
+    read_every = read_interval(per_epoch)
     started, waited = time.perf_counter(), source.wait_s
+    history_writer = HistoryWriter(ctx.run_dir, stage, comm.is_main(), getattr(ctx.cfg.run, "tensorboard", False),
+                                   ctx.log)
+    history_writer.start(epoch, step)
+    first_step = epoch * per_epoch + step
+    window = {"time": started, "wait": source.wait_s, "step": first_step, "totals": dict(running.totals)}
+    device = getattr(ctx, "device", torch.device("cpu"))
+
+    def log_point(means: dict) -> dict:
+        """Append the point of the steps since the previous one to history.jsonl; returns it."""
+        now, gstep = time.perf_counter(), epoch * per_epoch + step
+        steps, seconds = gstep - window["step"], max(now - window["time"], 1e-9)
+        point = {"epoch": epoch, "step": step, "global_step": gstep, "epochs": epochs, "steps_per_epoch": per_epoch,
+                 "wall_s": round(now - started, 3), "steps_per_s": round(steps / seconds, 4),
+                 "images_per_s": round(steps * batch / seconds, 2),
+                 "data_wait_fraction": round((source.wait_s - window["wait"]) / seconds, 4)}
+        for key, (total, count) in running.totals.items():
+            old_total, old_count = window["totals"].get(key, (0.0, 0))
+            if count > old_count:
+                point[key] = (total - old_total) / (count - old_count)
+        if schedule is not None:
+            point["lr"] = schedule.base_lrs[0] * schedule.factor(max(0, gstep - 1))
+        if device.type == "cuda":
+            point["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+        if steps > 0:
+            history_writer.add(point)
+        window.update(time=now, wait=source.wait_s, step=gstep, totals=dict(running.totals))
+        return point
     try:
         with preemption.in_training_loop():  # a signal now waits for the next read (checkpoint there)
             while epoch < epochs:
@@ -194,9 +228,11 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
                     running.add(step_fn(batch_data))
                     step += 1
                     bar.update(1)
-                    if step % READ_EVERY == 0 and step < per_epoch:
+                    if step % read_every == 0 and step < per_epoch:
                         means, stop, due = read()
-                        bar.set_postfix({k: f"{v:.4f}" for k, v in means.items()}, refresh=False)
+                        point = log_point(means)
+                        bar.set_postfix({**{k: f"{v:.4f}" for k, v in means.items()},
+                                         "img/s": f"{point['images_per_s']:.0f}"}, refresh=False)
                         if stop or due:
                             checkpoint()
                             if stop:
@@ -207,19 +243,23 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
                         checkpoint()
                 bar.close()
                 means, stop, _ = read()
+                log_point(means)
                 history.append(means)
                 wall, wait = time.perf_counter() - epoch_start, source.wait_s - epoch_wait
-                ctx.log.info("%s epoch %d/%d: %s; waited %.1f s for data (%.1f%% of %.1f s)", stage, epoch + 1, epochs,
-                             ", ".join(f"{k}={v:.4f}" for k, v in means.items()), wait, 100 * wait / max(wall, 1e-9),
-                             wall)
+                ctx.log.info("%s epoch %d/%d: %s; %.0f img/s; waited %.1f s for data (%.1f%% of %.1f s)", stage,
+                             epoch + 1, epochs, ", ".join(f"{k}={v:.4f}" for k, v in means.items()),
+                             per_epoch * batch / max(wall, 1e-9), wait, 100 * wait / max(wall, 1e-9), wall)
                 epoch, step, running = epoch + 1, 0, RunningMeans()
+                window["totals"] = {}
                 last_read[0] = 0
                 checkpoint()
                 if stop:
                     preemption.handover(f"{stage} at the end of epoch {epoch}", ctx.log.warning)
     finally:
         source.close()
-    record_data_wait(ctx, stage, time.perf_counter() - started, source.wait_s - waited)
+        history_writer.close()
+    record_data_wait(ctx, stage, time.perf_counter() - started, source.wait_s - waited,
+                     (epochs * per_epoch - first_step) * batch)
     if hasattr(ctx, "report_skips"):
         ctx.report_skips(stage, "train", source.bad)
     return history
@@ -236,9 +276,12 @@ def _likely_cause(cfg, stage: str) -> str:
     return advice
 
 
-def record_data_wait(ctx, stage: str, wall_s: float, wait_s: float) -> None:
-    """Keep the time a stage's loop waited for data (in ctx.stage_stats, merged into its DONE marker)."""
+def record_data_wait(ctx, stage: str, wall_s: float, wait_s: float, images: int = 0) -> None:
+    """Keep the time a stage's loop waited for data and its throughput (in ctx.stage_stats, merged into its DONE
+    marker)."""
     stats = ctx.stage_stats.setdefault(stage, {})
+    stats["images"] = stats.get("images", 0) + int(images)
     stats["data_wait_s"] = round(stats.get("data_wait_s", 0.0) + wait_s, 3)
     stats["loop_s"] = round(stats.get("loop_s", 0.0) + wall_s, 3)
     stats["data_wait_fraction"] = round(stats["data_wait_s"] / max(stats["loop_s"], 1e-9), 4)
+    stats["images_per_s"] = round(stats["images"] / max(stats["loop_s"], 1e-9), 1)

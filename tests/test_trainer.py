@@ -129,8 +129,8 @@ def test_logged_values_are_read_every_few_steps_not_every_step(tmp_path, monkeyp
     reads_per_step = []
     history = run_epochs(FakeContext(tmp_path, every=1000), "stage", "hash", {},
                          IndexSource(EpochRequests(45, 1, 0, "stage", 0, 1)), 2, step)
-    # every READ_EVERY steps, the epoch end, and its checkpoint (no new values, but the signal/timer flags ride along)
-    per_epoch = 45 // trainer.READ_EVERY + 2
+    # every read_interval steps, the epoch end, and its checkpoint (no new values, but the signal/timer flags ride along)
+    per_epoch = (45 - 1) // trainer.read_interval(45) + 2
     assert len(reads) == 2 * per_epoch
     assert history[0]["loss"] == pytest.approx(float(values[:45].mean()))
     assert history[1]["loss"] == pytest.approx(float(values[45:].mean()))
@@ -183,11 +183,12 @@ def test_a_signal_checkpoints_at_the_next_read_and_the_resume_redoes_nothing(tmp
             source = IndexSource(EpochRequests(40, 1, seed=3, stream="stage", rank=0, world=1))
             run_epochs(ctx, "stage", "hash", {"model": model, "optimizer": optimizer}, source, 1, step, optimizer)
 
-        with pytest.raises(preemption.Preempted, match="SIGTERM.*epoch 1, step 20"):
+        interval = trainer.read_interval(40)  # 5 for 40 steps per epoch
+        with pytest.raises(preemption.Preempted, match=f"SIGTERM.*epoch 1, step {interval}"):
             train_with_signal()
-        assert len(calls_before) == trainer.READ_EVERY  # stopped at the first read after the signal
+        assert len(calls_before) == interval  # stopped at the first read after the signal (step 3)
         saved = torch.load(ctx.run_dir / "stage" / "checkpoint.pt", weights_only=True)
-        assert saved["position"]["step"] == trainer.READ_EVERY
+        assert saved["position"]["step"] == interval
     finally:
         preemption.uninstall()
     assert ref_history  # the reference ran to the end undisturbed
