@@ -173,6 +173,8 @@ class RunConfig:
     eval_batch_size: int = 1024
     baseline: bool = True  # compute the k-means-on-pixels baseline in the evaluate stage
     tune_malloc: bool = True  # CPU runs on glibc: keep freed host memory for reuse (host_memory.py)
+    monitor_labels: bool = False  # history: each SCAN/self-label epoch also scores the heads against the labels
+    #                               (diagnostic only: training is bit-identical either way)
     tensorboard: bool = False  # also write the history's scalars to RUN_DIR/tb/ (needs `pip install -e .[tensorboard]`)
     kernel_self_check: bool = True  # CUDA: check each Triton kernel against its torch reference at first use and
     #                                 fall back to torch (with one warning) on a mismatch or error

@@ -122,11 +122,13 @@ class IndexSource:
 
 
 def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs: int,
-               step_fn: Callable[[dict], dict], optimizer=None, schedule: Schedule | None = None) -> list[dict]:
+               step_fn: Callable[[dict], dict], optimizer=None, schedule: Schedule | None = None,
+               epoch_end: Callable[[], dict] | None = None) -> list[dict]:
     """Train for `epochs` epochs over `source`; returns one dict of mean step values per epoch (kept for resume).
 
     `optimizer` is what the schedule sets learning rates on: a torch optimizer or an Engine. An Engine with sharded
-    (DeepSpeed ZeRO) state also checkpoints itself under the stage folder.
+    (DeepSpeed ZeRO) state also checkpoints itself under the stage folder. `epoch_end()` (rank 0 only, e.g.
+    diagnostics.head_diagnostics) returns values added to each epoch's last history point.
     """
     ckpt_path = Path(ctx.stage_dir(stage)) / "checkpoint.pt"
     shard_dir = Path(ctx.stage_dir(stage)) / "checkpoint_shards"
@@ -196,8 +198,8 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
     window = {"time": started, "wait": source.wait_s, "step": first_step, "totals": dict(running.totals)}
     device = getattr(ctx, "device", torch.device("cpu"))
 
-    def log_point(means: dict) -> dict:
-        """Append the point of the steps since the previous one to history.jsonl; returns it."""
+    def log_point(means: dict, extra: Callable[[], dict] | None = None) -> dict:
+        """Append the point of the steps since the previous one (plus `extra()`, timed apart) to history.jsonl."""
         now, gstep = time.perf_counter(), epoch * per_epoch + step
         steps, seconds = gstep - window["step"], max(now - window["time"], 1e-9)
         point = {"epoch": epoch, "step": step, "global_step": gstep, "epochs": epochs, "steps_per_epoch": per_epoch,
@@ -212,9 +214,11 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
             point["lr"] = schedule.base_lrs[0] * schedule.factor(max(0, gstep - 1))
         if device.type == "cuda":
             point["gpu_peak_gb"] = round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
+        if extra is not None:
+            point.update(extra())
         if steps > 0:
             history_writer.add(point)
-        window.update(time=now, wait=source.wait_s, step=gstep, totals=dict(running.totals))
+        window.update(time=time.perf_counter(), wait=source.wait_s, step=gstep, totals=dict(running.totals))
         return point
     try:
         with preemption.in_training_loop():  # a signal now waits for the next read (checkpoint there)
@@ -243,7 +247,7 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
                         checkpoint()
                 bar.close()
                 means, stop, _ = read()
-                log_point(means)
+                log_point(means, epoch_end if comm.is_main() else None)
                 history.append(means)
                 wall, wait = time.perf_counter() - epoch_start, source.wait_s - epoch_wait
                 ctx.log.info("%s epoch %d/%d: %s; %.0f img/s; waited %.1f s for data (%.1f%% of %.1f s)", stage,

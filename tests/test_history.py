@@ -54,3 +54,30 @@ def test_curves_png_and_local_status(tmp_path):
 def test_read_history_skips_foreign_lines(tmp_path):
     (tmp_path / HISTORY_FILE).write_text('not json\n[1, 2]\n{"stage": "x", "epoch": 0, "step": 1}\n')
     assert read_history(tmp_path) == [json.loads('{"stage": "x", "epoch": 0, "step": 1}')]
+
+
+@pytest.mark.slow
+def test_monitor_labels_leaves_training_bit_identical(tmp_path):
+    """run.monitor_labels=true adds label scores to the history and changes nothing else: the same weights."""
+    import subprocess
+    import sys
+
+    import torch
+
+    runs = {}
+    for flag in ("false", "true"):
+        run_dir = tmp_path / flag
+        result = subprocess.run([sys.executable, "-m", "scan_dist.launch", "--run-dir", str(run_dir), "smoke",
+                                 "run.progress=false", "pretext.epochs=0", "scan.mode=full", "scan.features=backbone",
+                                 "selflabel.threshold=0.2", f"run.monitor_labels={flag}"],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[flag] = run_dir
+    for stage in ("scan", "selflabel"):
+        a = torch.load(runs["false"] / stage / "model.pt", weights_only=True)["model"]
+        b = torch.load(runs["true"] / stage / "model.pt", weights_only=True)["model"]
+        assert all(torch.equal(a[k], b[k]) for k in a), stage
+    monitored = [p for p in read_history(runs["true"]) if "acc_best" in p]
+    assert {p["stage"] for p in monitored} == {"scan", "selflabel"}
+    assert not any("acc_best" in p for p in read_history(runs["false"]))
+    assert any("neighbor_agreement" in p for p in read_history(runs["false"]))  # label-free ones always

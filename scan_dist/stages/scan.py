@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import kernels
+from .. import diagnostics, kernels
 from ..data import sampling
 from ..data.loaders import EpochRequests, Partners, ViewSpec, sample_partners
 from ..dist import comm
@@ -162,7 +162,8 @@ def _train_full(cfg, ctx, model, neighbors_path, config_hash):
     model.train()
     engine = ctx.engine(model, optimizer)
     step = _scan_step(lambda batch: engine(torch.cat(batch["views"])), engine, s.entropy_weight, s.loss_backend)
-    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, source, s.epochs, step, engine, schedule)
+    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, source, s.epochs, step, engine, schedule,
+                      epoch_end=epoch_diagnostics(ctx, model, image_logits(ctx, model), neighbors_path))
 
 
 def _train_heads(cfg, ctx, model, neighbors_path, config_hash):
@@ -190,8 +191,33 @@ def train_on_features(cfg, ctx, model, neighbors_path, config_hash, features_fn,
     neighbors = np.load(neighbors_path, mmap_mode="r")
     step = _scan_step(feature_logits(engine, features_fn, neighbors, cfg.run.seed, views), engine,
                       s.entropy_weight, s.loss_backend)
+    zeros = lambda rows: torch.zeros(len(rows), dtype=torch.long)  # noqa: E731  (view 0: the plain image)
     return run_epochs(ctx, "scan", config_hash, {"engine": engine}, IndexSource(sampler), s.epochs, step, engine,
-                      schedule)
+                      schedule, epoch_end=epoch_diagnostics(
+                          ctx, model.heads, lambda rows: model.heads(features_fn(zeros(rows), torch.from_numpy(rows))),
+                          neighbors_path))
+
+
+def image_logits(ctx, model):
+    """`logits_fn(rows)` of a whole model on the un-augmented training images `rows`, built in this process."""
+    source = ctx.inference_batches("train")
+
+    def logits(rows):
+        return model(source.build_now(np.asarray(rows))["views"][0])
+
+    return logits
+
+
+def epoch_diagnostics(ctx, model, logits_fn, neighbors_path):
+    """The stage's `epoch_end`: label-free head diagnostics on a fixed sample of training rows (diagnostics.py)."""
+    rows = diagnostics.sample_rows(len(ctx.train_set))
+    targets = ctx.train_set.targets if ctx.cfg.run.monitor_labels else None
+
+    def run():
+        neighbors = np.load(neighbors_path, mmap_mode="r") if neighbors_path is not None else None
+        return diagnostics.head_diagnostics(logits_fn, rows, neighbors, targets, model)
+
+    return run
 
 
 def feature_logits(engine, features_fn, neighbors, seed: int, views: int):

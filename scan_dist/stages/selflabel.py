@@ -19,7 +19,7 @@ from ..models import build
 from ..trainer import IndexSource, Schedule, run_epochs
 from .common import make_optimizer
 from .feature_cache import build_cache
-from .scan import ANCHOR_VIEW_DRAW, draw_views
+from .scan import ANCHOR_VIEW_DRAW, draw_views, epoch_diagnostics, image_logits
 
 
 def load_scan_model(cfg, ctx):
@@ -118,7 +118,13 @@ def run(cfg, ctx, config_hash: str) -> dict:
     stateful = {"engine": engine}
     if teacher is not None:
         stateful["teacher"] = teacher
-    history = run_epochs(ctx, "selflabel", config_hash, stateful, source, sl.epochs, step, engine, schedule)
+    if sl.mode == "cached":
+        def logits_fn(rows):
+            return model.heads(cache.get(torch.zeros(len(rows), dtype=torch.long), torch.from_numpy(rows)))
+    else:
+        logits_fn = image_logits(ctx, model)
+    history = run_epochs(ctx, "selflabel", config_hash, stateful, source, sl.epochs, step, engine, schedule,
+                         epoch_end=epoch_diagnostics(ctx, trained, logits_fn, ctx.run_dir / "mine" / "train_neighbors.npy"))
     final = teacher if teacher is not None else model
     out = ctx.stage_dir("selflabel") / "model.pt"
     if ctx.is_main:
