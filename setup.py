@@ -12,6 +12,7 @@ setup(
         "scan_dist.data",
         "scan_dist.models",
         "scan_dist.dist",
+        "scan_dist.data.formats",
         "scan_dist.kernels",
         "scan_dist.slurm_profiles",
     ],
@@ -40,5 +41,6 @@ setup(
         "test": ["pytest", "faiss-cpu", "deepspeed"],
         "faiss": ["faiss-cpu"],
         "dali": ["nvidia-dali-cuda130"],
+        "tensorboard": ["tensorboard"],
     },
 )
