@@ -15,3 +15,7 @@ class DataError(ScanDistError):
 
 class TrainingError(ScanDistError):
     """Training went wrong in a way a setting can fix (a loss or feature became NaN/inf); names stage and setting."""
+
+
+class StorageError(ScanDistError):
+    """A file could not be written (full disk, quota, read-only filesystem); names the file, keeps the old one."""

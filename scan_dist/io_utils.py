@@ -6,6 +6,7 @@ next write of the same artifact replaces.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import tempfile
@@ -14,6 +15,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+
+from .errors import StorageError
+
+
+# A full disk, an exceeded quota, a read-only filesystem: a user can fix these, so they are one-line errors.
+_STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
 
 
 @contextlib.contextmanager
@@ -31,6 +38,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())  # the rename must never expose a file whose data is not on disk
         os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno in _STORAGE_ERRNOS:
+            raise StorageError(f"{target}: cannot write it ({exc.strerror}); free space in {target.parent} or point "
+                               f"--run-dir elsewhere; the previous {target.name}, if any, is unchanged") from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -64,7 +77,23 @@ def save_numpy(path, array: np.ndarray) -> None:
 
 def save_torch(path, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as handle:  # our file object: a full disk surfaces as an OSError we can name
+            try:
+                torch.save(obj, handle)
+            except RuntimeError as exc:  # torch's zip writer wraps the OSError of the failed write
+                cause = _os_error_behind(exc)
+                if cause is None:
+                    raise
+                raise cause from None
+
+
+def _os_error_behind(exc: BaseException) -> OSError | None:
+    seen = exc
+    while seen is not None:
+        if isinstance(seen, OSError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def load_torch(path) -> Any:
