@@ -242,7 +242,7 @@ class PipelineJob(submitit.helpers.Checkpointable):
     def __call__(self) -> int:
         import torch
 
-        from .launch import run_local
+        from .job import run_local  # noqa: PLC0415  (keeps torch out of the CLI's import time)
 
         cfg = load_config(str(Path(self.run_dir) / "config.yaml"))
         if cfg.run.threads is None and os.environ.get("SLURM_CPUS_PER_TASK"):

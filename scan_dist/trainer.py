@@ -28,7 +28,6 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from .data.sampling import steps_per_epoch
 from .dist import comm
 from .dist.checkpoint import load_checkpoint, restore, save_checkpoint
 from . import preemption
@@ -69,8 +68,8 @@ class Schedule:
 READ_EVERY = 20
 
 
-def read_interval(steps_per_epoch: int) -> int:
-    return max(1, min(READ_EVERY, steps_per_epoch // 8))
+def read_interval(per_epoch: int) -> int:
+    return max(1, min(READ_EVERY, per_epoch // 8))
 
 
 class RunningMeans:

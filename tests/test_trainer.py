@@ -6,11 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import numpy as np
 
 from scan_dist.data.loaders import EpochRequests
 from scan_dist.data.sampling import stream_key, uniform
-from scan_dist.trainer import IndexSource, Schedule, run_epochs, steps_per_epoch
+from scan_dist.data.sampling import steps_per_epoch
+from scan_dist.trainer import IndexSource, Schedule, run_epochs
 
 
 class FakeContext:

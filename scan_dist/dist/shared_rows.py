@@ -26,8 +26,8 @@ class SharedRows:
         self.dtype = np.dtype(dtype)
         if comm.is_main():
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            created = np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=self.shape)
-            del created  # header written and the file sized; rows are filled by positioned writes
+            # header written and the file sized (sparse); the rows are filled by positioned writes
+            np.lib.format.open_memmap(self.tmp, mode="w+", dtype=self.dtype, shape=self.shape).flush()
         comm.barrier()
         self._offset = int(np.load(self.tmp, mmap_mode="r").offset)
         self._row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
