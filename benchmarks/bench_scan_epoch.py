@@ -1,12 +1,15 @@
 """One SCAN epoch of head training from a feature cache (`scan.mode=cached`): epoch time and the loss's share.
 
-Synthetic features stand in for a frozen backbone's: a ``[V + 1, N, D]`` fp16 table (default ImageNet-1k: N =
-1,281,167 images, D = 2048 ResNet-50 features, V = 4 augmented views, about 26 GB on the GPU), random mined
-neighbours ``[N, K]`` on the host as the mine stage leaves them, and the imagenet1k preset's head setup: H = 10
-linear heads, C = 1000 clusters, global batch 4096, SGD lr 5 with momentum 0.9, entropy weight 5. Every step is
-the real training step of `scan_dist.stages.scan` (`_scan_step` over `feature_logits`): sample a neighbour per
-anchor and a view per row, gather the rows from `FeatureCache`, heads, `scan_objective`, backward, optimiser step,
-through `Engine` at ``dist.precision``; steps walk a seeded permutation like `run_epochs`, without checkpoints.
+Synthetic features stand in for a frozen backbone's: an ``[N, V + 1, D]`` fp16 table, `FeatureCache`'s layout
+(default ImageNet-1k: N = 1,281,167 images, D = 2048 ResNet-50 features, V = 4 augmented views, about 26 GB on
+the GPU), random mined neighbours ``[N, K]`` int64 on the host as the mine stage leaves them (a numpy array; the
+stage memory-maps its .npy), and the imagenet1k preset's head setup: H = 10 linear heads, C = 1000 clusters,
+global batch 4096, SGD lr 5 with momentum 0.9, entropy weight 5. Every step is the real training step of
+`scan_dist.stages.scan` (`_scan_step` over `feature_logits`): a neighbour per anchor and a view per row (the
+counter-based draws of (seed, "scan", epoch, anchor)), the rows gathered from `FeatureCache`, heads,
+`scan_objective`, backward, optimiser step, through `Engine` at ``dist.precision``; steps walk the seeded
+permutation `sampling.epoch_order` as `run_epochs` does (batches ``{"epoch", "index"}`` as `IndexSource` gives
+them), without checkpoints.
 
 Two epochs per (loss backend, precision):
 
@@ -32,6 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
@@ -68,10 +72,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+SEED = 0  # run.seed of the draws (partner, view) and of the epoch order
+
+
 @dataclass
 class Setup:
     cache: object
-    neighbors: torch.Tensor
+    neighbors: np.ndarray
     device: torch.device
 
 
@@ -79,14 +86,14 @@ def make_setup(args, device: torch.device) -> Setup:
     from scan_dist.stages.feature_cache import FeatureCache
 
     gen = torch.Generator(device=device).manual_seed(0)
-    table = torch.empty((args.views + 1, args.num, args.dim), dtype=torch.float16, device=device)
-    rows = max(1, (1 << 26) // args.dim)  # fill in pieces: no fp32 copy of the whole table
-    for view in range(args.views + 1):
-        for start in range(0, args.num, rows):
-            piece = table[view, start:start + rows]
-            piece.copy_(torch.randn(piece.shape, generator=gen, device=device, dtype=torch.float32).clamp_(-4, 4))
+    table = torch.empty((args.num, args.views + 1, args.dim), dtype=torch.float16, device=device)
+    rows = max(1, (1 << 26) // (args.dim * (args.views + 1)))  # fill in pieces: no fp32 copy of the whole table
+    for start in range(0, args.num, rows):
+        piece = table[start:start + rows]
+        piece.copy_(torch.randn(piece.shape, generator=gen, device=device, dtype=torch.float32).clamp_(-4, 4))
     cpu_gen = torch.Generator().manual_seed(1)
-    neighbors = torch.randint(0, args.num, (args.num, args.k), generator=cpu_gen)  # host, as the mine stage's
+    # Host int64, as the mine stage leaves them (np.load(..., mmap_mode="r") in the stage).
+    neighbors = torch.randint(0, args.num, (args.num, args.k), generator=cpu_gen).numpy()
     return Setup(FeatureCache(table, device=device), neighbors, device)
 
 
@@ -106,26 +113,31 @@ def _cut(start: float, seconds: float | None, done: int, steps: int) -> bool:
     return seconds is not None and done < steps and time.perf_counter() - start > seconds
 
 
-def plain_epoch(args, setup: Setup, engine, backend: str, seconds: float | None = None) -> dict:
-    from scan_dist.data.batch_rng import global_batch
-    from scan_dist.stages import scan
-    from scan_dist.trainer import epoch_order, steps_per_epoch
+def _batch(order: np.ndarray, epoch: int, step: int, size: int) -> dict:
+    """Step `step` of an epoch as `IndexSource` yields it (one process: the whole global batch)."""
+    return {"epoch": epoch, "index": torch.from_numpy(order[step * size:(step + 1) * size])}
 
-    step = scan._scan_step(scan.feature_logits(engine, setup.cache.get, args.views), engine, setup.neighbors,
+
+def plain_epoch(args, setup: Setup, engine, backend: str, seconds: float | None = None) -> dict:
+    from scan_dist.data.sampling import epoch_order, steps_per_epoch
+    from scan_dist.stages import scan
+    from scan_dist.trainer import READ_EVERY
+
+    step = scan._scan_step(scan.feature_logits(engine, setup.cache.get, setup.neighbors, SEED, args.views), engine,
                            args.entropy_weight, backend)
     steps = steps_per_epoch(args.num, args.batch)
-    order = epoch_order(args.num, 0, 0)
+    order = epoch_order(args.num, SEED, "scan", 0)
     for i in range(args.warmup_steps):
-        with global_batch(args.batch, 0):
-            step(order[i * args.batch:(i + 1) * args.batch])
+        step(_batch(order, 0, i % steps, args.batch))
     synchronize(setup.device)
     start = time.perf_counter()
     last = {}
     done = 0
     for i in range(steps):
-        with global_batch(args.batch, 0):
-            last = step(order[i * args.batch:(i + 1) * args.batch])  # its float() values sync, as in training
+        last = step(_batch(order, 0, i, args.batch))
         done += 1
+        if done % READ_EVERY == 0:
+            float(last["loss"])  # the trainer reads the logged values (one host sync) every READ_EVERY steps
         if _cut(start, seconds, done, steps):
             break
     synchronize(setup.device)
@@ -156,25 +168,29 @@ class _Clock:
 
 def instrumented_epoch(args, setup: Setup, engine, backend: str, seconds: float | None = None) -> dict:
     """The same step as `_scan_step`, its backward split at the logits so loss and heads are timed apart."""
-    from scan_dist.data.batch_rng import global_batch
+    from scan_dist.data.loaders import sample_partners
+    from scan_dist.data.sampling import epoch_order, steps_per_epoch, stream_key
     from scan_dist.losses import scan_objective
     from scan_dist.stages import scan
-    from scan_dist.trainer import epoch_order, steps_per_epoch
+    from scan_dist.trainer import READ_EVERY
 
     steps = steps_per_epoch(args.num, args.batch)
-    order = epoch_order(args.num, 0, 1)
+    order = epoch_order(args.num, SEED, "scan", 1)
     clock = _Clock(setup.device)
     per_step = []
 
-    def one(indices):
-        marks = [clock.mark()]  # below: what _scan_step and feature_logits do, in their order of draws
-        partners = scan.sample_neighbors(indices, setup.neighbors)
-        chosen = torch.cat([scan.draw_views(len(indices), args.views), scan.draw_views(len(partners), args.views)])
-        features = setup.cache.get(chosen, torch.cat([indices, partners]))
+    def one(batch):
+        marks = [clock.mark()]  # below: what _scan_step and feature_logits do, in their order
+        anchors = batch["index"].numpy()
+        key = stream_key(SEED, "scan", batch["epoch"])
+        partners = sample_partners(setup.neighbors, key, anchors)
+        chosen = torch.cat([scan.draw_views(key, anchors, scan.ANCHOR_VIEW_DRAW, args.views),
+                            scan.draw_views(key, anchors, scan.PARTNER_VIEW_DRAW, args.views)])
+        features = setup.cache.get(chosen, torch.from_numpy(np.concatenate([anchors, partners])))
         marks.append(clock.mark())
         logits = engine(features)
         marks.append(clock.mark())
-        loss, total, _, _ = scan_objective(logits[:, :len(indices)], logits[:, len(indices):], args.entropy_weight,
+        loss, total, _, _ = scan_objective(logits[:, :len(anchors)], logits[:, len(anchors):], args.entropy_weight,
                                            backend=backend)
         marks.append(clock.mark())
         (grad,) = torch.autograd.grad(loss, logits)
@@ -183,17 +199,17 @@ def instrumented_epoch(args, setup: Setup, engine, backend: str, seconds: float 
         marks.append(clock.mark())
         engine.step()
         marks.append(clock.mark())
-        float(total.mean())  # the host sync the real step makes (it returns float values)
+        total.detach().mean()  # what the step returns: a 0-d tensor, read only every READ_EVERY steps
+        if len(per_step) % READ_EVERY == READ_EVERY - 1:
+            float(total.mean())  # the trainer's periodic read (one host sync)
         return marks
 
     for i in range(args.warmup_steps):
-        with global_batch(args.batch, 0):
-            one(order[i * args.batch:(i + 1) * args.batch])
+        one(_batch(order, 1, i % steps, args.batch))
     synchronize(setup.device)
     start = time.perf_counter()
     for i in range(steps):
-        with global_batch(args.batch, 0):
-            per_step.append(one(order[i * args.batch:(i + 1) * args.batch]))
+        per_step.append(one(_batch(order, 1, i, args.batch)))
         if _cut(start, seconds, len(per_step), steps):
             break
     synchronize(setup.device)
@@ -215,13 +231,15 @@ def instrumented_epoch(args, setup: Setup, engine, backend: str, seconds: float 
 def isolated_loss_ms(args, setup: Setup, engine, backend: str, seconds: float | None = None) -> float:
     """Median ms of `scan_loss` forward + backward alone, on logits the trained heads give one batch (so their scale,
     which matters to CPU timings through denormals, is the epoch's)."""
+    from scan_dist.data.loaders import sample_partners
+    from scan_dist.data.sampling import stream_key
     from scan_dist.kernels import scan_loss
-    from scan_dist.stages import scan
 
-    rows = torch.arange(args.batch)
-    partners = scan.sample_neighbors(rows, setup.neighbors)
+    rows = np.arange(args.batch, dtype=np.int64)
+    partners = sample_partners(setup.neighbors, stream_key(SEED, "scan", 0), rows)
     with torch.no_grad():
-        logits = engine(setup.cache.get(torch.ones(2 * args.batch, dtype=torch.long), torch.cat([rows, partners])))
+        logits = engine(setup.cache.get(torch.ones(2 * args.batch, dtype=torch.long),
+                                        torch.from_numpy(np.concatenate([rows, partners]))))
     a = logits[:, :args.batch].contiguous().requires_grad_(True)
     n = logits[:, args.batch:].contiguous().requires_grad_(True)
 
@@ -247,7 +265,7 @@ def main(argv=None) -> int:
     precisions = (args.precisions or ("fp32,bf16" if cuda else "fp32")).split(",")
     setup = make_setup(args, device)
     table_gb = setup.cache.table.numel() * 2 / 1e9
-    print(f"features [{args.views + 1}, {args.num}, {args.dim}] fp16 ({table_gb:.2f} GB) on {device}; "
+    print(f"features [{args.num}, {args.views + 1}, {args.dim}] fp16 ({table_gb:.2f} GB) on {device}; "
           f"K={args.k}, H={args.heads}, C={args.classes}, B={args.batch}")
     rows = []
     budget = Budget(args.budget_s)

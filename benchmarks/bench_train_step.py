@@ -2,24 +2,28 @@
 
 Each timed call is one optimiser step of the stage, as the stages run it:
 
-* ``scan``      -- ``scan_dist.stages.scan._scan_step`` itself (the full-network mode): sample a neighbour per
-  anchor, augment anchors and neighbours (the model's SCAN view), one forward of both through backbone + heads
-  (``[H, 2b, C]``), ``scan_objective`` over the global batch, ``engine.backward(loss, scale=world_size)``,
-  ``engine.step()``, and the three metrics the stage returns (0-d tensors, not read);
+* ``scan``      -- ``scan_dist.stages.scan._scan_step`` itself (the full-network mode): a neighbour per anchor
+  (``loaders.sample_partners``, the counter-based pick the loader makes), both views of the model's SCAN kind,
+  one forward of both through backbone + heads (``[H, 2b, C]``), ``scan_objective`` over the global batch,
+  ``engine.backward(loss, scale=world_size)``, ``engine.step()``, and the three metrics the stage returns (0-d
+  tensors, not read);
 * ``selflabel`` -- ``scan_dist.stages.selflabel.self_label_step`` itself: weak
   (``eval``) and strong views, one forward of both (or, with an EMA teacher, the teacher's no-grad forward of the
   weak view and the student's forward of the strong view), ``confident_targets``, ``self_label_loss``
   (class-balanced or not, per preset), backward with scale = world size, step, EMA update;
 
-inside ``global_batch(batch, rank * local)``, as the trainer's loop does; the metrics of the last step are averaged
-over ranks after the timing.  The model is ``ClusterModel(build_backbone(...), ClusterHeads(...))`` (one head for
+on this rank's slice of a global batch drawn from a seeded order, as ``run_epochs`` feeds it; the metrics of the
+last step are averaged over ranks after the timing.  The model is ``ClusterModel(build_backbone(...), ClusterHeads(...))`` (one head for
 self-labelling, as after ``keep_head``), ``to(channels_last)`` as ``ctx.prepare_model`` does, then
 ``Engine(model, optimizer, cfg_dist)`` (SyncBatchNorm with more than one rank, DDP buckets, DeepSpeed ZeRO 0/2).
 
 Inputs: synthetic uint8 images already on the device, indexed by CPU indices each step and passed through the real
-batched augmentation (``make_transform``), so the number includes augmentation.  ``--augment off``
-(``--no-augment``) replaces them by random normalised float images on the device (no augmentation): the model-only
-ceiling of the same step, to separate the two.
+view transform (``transforms.make_transform``; parameters from the counter-based ``sampling.draws`` of each row's
+sample index and view, both phases -- ``base`` and ``finish`` -- on the device), so the number includes
+augmentation.  In the pipeline the ``base`` phase runs in DataLoader workers, off the step (and on CPU the
+``finish`` phase too), so this is the step with augmentation *on* its critical path: an upper bound of what a
+loader-fed step costs.  ``--augment off`` (``--no-augment``) replaces them by random normalised float images on
+the device (no augmentation): the model-only ceiling of the same step, to separate the two.
 
 Per model the defaults are the paper's recipe (``../shared/RECIPES.md``, the repo presets ``cifar10`` and
 ``imagenet50``):
@@ -259,7 +263,9 @@ class _Row:
 
     def start(self) -> None:
         """The engine (DDP / DeepSpeed wrapping, SyncBatchNorm), torch.compile, the data and the step function."""
-        from scan_dist.data.augment import AugmentConfig, make_transform
+        from scan_dist.data.augment import AugmentConfig
+        from scan_dist.data.sampling import draws, stream_key
+        from scan_dist.data.transforms import make_transform
         from scan_dist.dist.engine import Engine
 
         args, spec, stage, optimizer, cfg_dist, env = self._deferred
@@ -279,48 +285,65 @@ class _Row:
             self.images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen).to(device)
             aug_cfg = AugmentConfig(**spec["augment"])
 
-            def view(kind_name):
-                base = make_transform(kind_name, aug_cfg, spec["mean"], spec["std"])
-                return lambda x: base(x.to(device, non_blocking=True)).contiguous(memory_format=self.memory_format)
+            def view(kind_name, stream, view_number):
+                transform = make_transform(kind_name, aug_cfg, spec["mean"], spec["std"])
+
+                def apply(rows):
+                    # The loader's draws: per (seed, stream, epoch, sample index, view); a "step" is an epoch
+                    # here so a pool image gets a new view every step.
+                    u = draws(stream_key(0, stream, self.calls), rows, view_number) if transform.random else None
+                    out = transform(self.images[torch.from_numpy(rows).to(device)], u)
+                    return out.contiguous(memory_format=self.memory_format)
+                return apply
         else:
             self.images = torch.randn(shape, generator=gen).to(device)
 
-            def view(kind_name):
-                return lambda x: x.contiguous(memory_format=self.memory_format)
+            def view(kind_name, stream, view_number):
+                return lambda rows: self.images[torch.from_numpy(rows).to(device)].contiguous(
+                    memory_format=self.memory_format)
         self.k = min(spec["neighbors_k"], self.pool_size - 1)
-        self.neighbors = torch.randint(0, self.pool_size, (self.pool_size, self.k), generator=gen)
+        self.neighbors = torch.randint(0, self.pool_size, (self.pool_size, self.k), generator=gen).numpy()
+        self.calls = 0
         self.index_gen = torch.Generator().manual_seed(99)  # same on every rank, as the trainer's seeded order
+        # The stages' view specs: SCAN anchors view 0 and partners view 1 of stream "scan"; self-labelling the
+        # eval view and view 0 of stream "selflabel".
         if kind == "scan":
-            self._step = self._scan_step(view(stage["view"]))
+            self._step = self._scan_step(view(stage["view"], "scan", 0), view(stage["view"], "scan", 1))
         else:
-            self._step = self._selflabel_step(view("eval"), view(stage["view"]), stage["class_balance"],
-                                              args.threshold)
+            self._step = self._selflabel_step(view("eval", "", 0), view(stage["view"], "selflabel", 0),
+                                              stage["class_balance"], args.threshold)
 
     # ------------------------------------------------------------------ the steps
-    def _scan_step(self, view):
+    def _scan_step(self, anchor_view, partner_view):
+        from scan_dist.data.loaders import sample_partners
+        from scan_dist.data.sampling import stream_key
         from scan_dist.stages.scan import _scan_step
 
-        engine, images = self.engine, self.images
-        return _scan_step(lambda anchors, partners: engine(torch.cat([view(images[anchors]), view(images[partners])])),
-                          engine, self.neighbors, ENTROPY_WEIGHT, "auto")
+        engine = self.engine
+
+        def logits(batch):
+            anchors = batch["index"].numpy()
+            # What the loader's Partners.pick does for the batch (here inside the timed step).
+            partners = sample_partners(self.neighbors, stream_key(0, "scan", self.calls), anchors)
+            return engine(torch.cat([anchor_view(anchors), partner_view(partners)]))
+
+        return _scan_step(logits, engine, ENTROPY_WEIGHT, "auto")
 
     def _selflabel_step(self, weak, strong, class_balance: bool, threshold: float):
         from scan_dist.stages.selflabel import self_label_step
 
-        images, teacher = self.images, self.teacher
+        teacher = self.teacher
         ema = (teacher, self.model, self.ema_decay) if teacher is not None else None
-        return self_label_step(self.engine, lambda indices: weak(images[indices]),
-                               lambda indices: strong(images[indices]), teacher, threshold, class_balance, ema)
+        return self_label_step(self.engine, lambda batch: weak(batch["index"].numpy()),
+                               lambda batch: strong(batch["index"].numpy()), teacher, threshold, class_balance, ema)
 
     def __call__(self) -> None:
-        from scan_dist.data.batch_rng import global_batch
-
-        # The trainer's loop: this rank's slice of a global batch, split-independent random draws; the logged values
-        # stay on the device (the trainer reads them every READ_EVERY steps, not per step).
+        # The trainer's loop: this rank's slice of a global batch (the same global order on every rank); the logged
+        # values stay on the device (the trainer reads them every READ_EVERY steps, not per step).
         order = torch.randint(0, self.pool_size, (self.global_batch,), generator=self.index_gen)
         indices = order[self.rank * self.local:(self.rank + 1) * self.local]
-        with global_batch(self.global_batch, self.rank * self.local):
-            self.last = self._step(indices)
+        self.last = self._step({"epoch": self.calls, "index": indices})
+        self.calls += 1
 
     # ------------------------------------------------------------------ facts
     def facts(self) -> dict:
@@ -409,7 +432,7 @@ def main(argv=None) -> int:
     init_process_group(env, args.timeout_s)
     if args.cudnn_benchmark:
         torch.backends.cudnn.benchmark = True
-    torch.manual_seed(0)  # ranks share one RNG stream, as in training
+    torch.manual_seed(0)  # the same initial weights on every rank
     plan = _row_plan(args, env.world_size, device)
     notes = []
     if device.type == "cpu":
