@@ -200,6 +200,7 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
     def log_point(means: dict, extra: Callable[[], dict] | None = None) -> dict:
         """Append the point of the steps since the previous one (plus `extra()`, timed apart) to history.jsonl."""
         now, gstep = time.perf_counter(), epoch * per_epoch + step
+        window.setdefault("spent", 0.0)
         steps, seconds = gstep - window["step"], max(now - window["time"], 1e-9)
         point = {"epoch": epoch, "step": step, "global_step": gstep, "epochs": epochs, "steps_per_epoch": per_epoch,
                  "wall_s": round(now - started, 3), "steps_per_s": round(steps / seconds, 4),
@@ -217,7 +218,9 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
             point.update(extra())
         if steps > 0:
             history_writer.add(point)
-        window.update(time=time.perf_counter(), wait=source.wait_s, step=gstep, totals=dict(running.totals))
+        done = time.perf_counter()
+        window["spent"] += done - now  # the cost of watching: diagnostics and the history line
+        window.update(time=done, wait=source.wait_s, step=gstep, totals=dict(running.totals))
         return point
     try:
         with preemption.in_training_loop():  # a signal now waits for the next read (checkpoint there)
@@ -263,6 +266,7 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
         history_writer.close()
     record_data_wait(ctx, stage, time.perf_counter() - started, source.wait_s - waited,
                      (epochs * per_epoch - first_step) * batch)
+    ctx.stage_stats[stage]["history_s"] = round(window.get("spent", 0.0), 3)
     if hasattr(ctx, "report_skips"):
         ctx.report_skips(stage, "train", source.bad)
     return history
