@@ -28,21 +28,40 @@ from .io_utils import write_json
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
 
 
-# Data settings that decide how fast batches arrive, never what they hold (views are counter-based functions of the
-# sample): changing them must not rerun a stage.
-DATA_KEYS_WITHOUT_EFFECT = ("workers", "prefetch", "cache_dir")
+# The settings that change each stage's result, by name. A stage's hash covers these (and its upstream stage's hash),
+# so changing one reruns the stage and everything after it; every other setting (threads, loader workers, progress
+# bars, checkpoint cadence, exact-search backends, the collective timeout, ...) never reruns anything. A "section.*"
+# entry takes the whole section; "-section.key" then leaves a key of it out. tests/test_pipeline.py checks both
+# directions, stage by stage.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "pretext": ("data.*", "-data.workers", "-data.prefetch", "-data.cache_dir", "-data.finish_on",
+                "-data.max_eval_images", "augment.*", "model.*", "pretext.*", "run.seed", "dist.precision",
+                "dist.grad_clip", "dist.sync_batchnorm"),
+    "embed": ("mine.layer", "data.max_eval_images"),
+    "mine": ("mine.*", "-mine.backend", "-mine.precision"),  # the k-NN is exact whichever backend finds it
+    "scan": ("scan.*", "-scan.loss_backend", "num_clusters", "dist.precision", "dist.grad_clip",
+             "dist.sync_batchnorm"),
+    "selflabel": ("selflabel.*", "dist.precision", "dist.grad_clip", "dist.sync_batchnorm"),
+    "evaluate": ("run.baseline",),
+}
 
 
-def _sections(cfg: Config) -> dict[str, list]:
-    data = {key: value for key, value in asdict(cfg.data).items() if key not in DATA_KEYS_WITHOUT_EFFECT}
-    return {
-        "pretext": [data, cfg.augment, cfg.model, cfg.pretext, cfg.run.seed],
-        "embed": [cfg.mine.layer],
-        "mine": [cfg.mine],
-        "scan": [cfg.scan, cfg.num_clusters],
-        "selflabel": [cfg.selflabel],
-        "evaluate": [cfg.run.baseline],
-    }
+def stage_settings(cfg: Config, stage: str) -> dict:
+    """{dotted key: value} of the settings in STAGE_KEYS[stage]."""
+    tree = asdict(cfg)
+    chosen: dict = {}
+    for entry in STAGE_KEYS[stage]:
+        if entry.startswith("-"):
+            chosen.pop(entry[1:], None)
+        elif entry.endswith(".*"):
+            section = entry[:-2]
+            chosen.update({f"{section}.{key}": value for key, value in tree[section].items()})
+        else:
+            node = tree
+            for part in entry.split("."):
+                node = node[part]
+            chosen[entry] = node
+    return chosen
 
 
 STAGES: dict[str, Callable] = {
@@ -68,9 +87,8 @@ STAGE_ARTIFACTS = {
 
 def stage_hashes(cfg: Config) -> dict[str, str]:
     hashes, upstream = {}, ""
-    for name, parts in _sections(cfg).items():  # seed is part of pretext's section, so every hash carries it
-        plain = [asdict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts]
-        upstream = hashes[name] = section_hash(name, plain, upstream)
+    for name in STAGES:  # run.seed is in pretext's keys, so every hash carries it
+        upstream = hashes[name] = section_hash(name, sorted(stage_settings(cfg, name).items()), upstream)
     return hashes
 
 

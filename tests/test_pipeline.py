@@ -109,3 +109,37 @@ def test_loader_settings_do_not_change_stage_hashes():
     base = stage_hashes(load_config("smoke"))
     assert stage_hashes(load_config("smoke", ["data.workers=3", "data.prefetch=4", "data.cache_dir=/x"])) == base
     assert stage_hashes(load_config("smoke", ["data.resize_size=40"]))["pretext"] != base["pretext"]
+
+
+import pytest as _pytest
+
+# (stage, a setting of that stage and another value): changing it reruns that stage and what follows, not before.
+_INCLUDED = [("pretext", "pretext.lr=0.3"), ("pretext", "augment.crop_scale_min=0.3"),
+             ("pretext", "data.resize_size=40"), ("pretext", "dist.precision=bf16"), ("pretext", "run.seed=5"),
+             ("embed", "mine.layer=backbone"), ("embed", "data.max_eval_images=500"), ("mine", "mine.k=7"),
+             ("scan", "scan.entropy_weight=3.0"), ("scan", "num_clusters=7"), ("scan", "scan.lr=0.01"), ("pretext", "dist.grad_clip=1.0"),
+             ("selflabel", "selflabel.threshold=0.95"), ("evaluate", "run.baseline=false")]
+# Settings that change how fast or how a stage runs, never its result: nothing reruns.
+_EXCLUDED = ["run.threads=1", "data.workers=0", "data.prefetch=5", "data.cache_dir=/x", "data.finish_on=device",
+             "mine.backend=faiss", "mine.precision=fp16", "scan.loss_backend=torch", "run.progress=false",
+             "run.eval_batch_size=64", "run.checkpoint_every_steps=3", "run.checkpoint_every_min=1",
+             "dist.timeout_s=30", "run.monitor_labels=true", "run.tensorboard=true", "run.kernel_self_check=false"]
+
+
+@_pytest.mark.parametrize("stage, override", _INCLUDED, ids=[o for _, o in _INCLUDED])
+def test_an_included_setting_reruns_its_stage_and_the_ones_after(stage, override):
+    from scan_dist.config import load_config
+    from scan_dist.pipeline import STAGES, stage_hashes
+
+    base, changed = stage_hashes(load_config("smoke")), stage_hashes(load_config("smoke", [override]))
+    order = list(STAGES)
+    for name in order:
+        assert (base[name] != changed[name]) == (order.index(name) >= order.index(stage)), name
+
+
+@_pytest.mark.parametrize("override", _EXCLUDED)
+def test_an_excluded_setting_reruns_nothing(override):
+    from scan_dist.config import load_config
+    from scan_dist.pipeline import stage_hashes
+
+    assert stage_hashes(load_config("smoke", [override])) == stage_hashes(load_config("smoke"))
