@@ -55,10 +55,12 @@ NO_SLURM = ("--nodes needs SLURM, but sbatch is not on PATH; use --local to run 
             "plan without submitting")
 
 # Training throughput per GPU used for the GPU-hour estimate of --dry-run (images/s, forward + backward).
-# Only resnet50 is a measurement (one H100, bf16, synthetic data, measured in an earlier session); the others are
-# assumptions, labelled as such in the plan.
+# None of these was measured in this repository: resnet50's figure (one H100, bf16, synthetic data) was reported
+# from outside it and benchmarks/gpu_check.sh measures it on the first GPU; the others are assumptions. The plan
+# prints each figure's source.
 THROUGHPUT = {
-    "resnet50": (3981.0, "measured: H100 bf16 eager, batch 256, synthetic (earlier session)"),
+    "resnet50": (3981.0, "reported from outside this repository for one H100, bf16 eager, batch 256, synthetic "
+                         "data; not yet measured here (benchmarks/gpu_check.sh measures it)"),
     "resnet18_stl": (8000.0, "assumed"),
     "resnet18_cifar": (25000.0, "assumed"),
     "cnn_small": (50000.0, "assumed"),
