@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import preemption, report
+from . import preemption, run_report
 from .config import Config, to_yaml
 from .context import RunContext
 from .dist import comm
@@ -98,10 +98,10 @@ def _run_locked(cfg: Config, run_dir: Path, env, log) -> int:
         return 0
     print()
     print("Time per stage")
-    print(report.format_time_table({k: v for k, v in summary["seconds"].items() if k != "total"},
+    print(run_report.format_time_table({k: v for k, v in summary["seconds"].items() if k != "total"},
                                    {k: v.get("images_per_s") for k, v in summary["stages"].items()}))
     print()
-    print(report.format_metrics_table(summary["final"], summary.get("baseline_kmeans_pixels")))
+    print(run_report.format_metrics_table(summary["final"], summary.get("baseline_kmeans_pixels")))
     print(f"\nartifacts in {run_dir}: metrics.json report.md assignments.csv confusion.png prototypes.png log.txt")
     return 0
 

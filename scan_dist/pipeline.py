@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from . import report
+from . import run_report
 from .config import Config, section_hash
 from .context import RunContext
 from .curves import write_curves_png
@@ -175,7 +175,7 @@ def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict) -> dict:
                       "selflabel.enabled": cfg.selflabel.enabled, "selflabel.epochs": cfg.selflabel.epochs,
                       "seed": cfg.run.seed}
     has_curves = write_curves_png(run_dir / "curves.png", run_dir)
-    report.write_report_md(run_dir / "report.md", {**final, "stages": _numeric_stage_metrics(stage_metrics)},
+    run_report.write_report_md(run_dir / "report.md", {**final, "stages": _numeric_stage_metrics(stage_metrics)},
                            seconds, config_summary, evaluation.get("kmeans_pixels"), curves=has_curves)
     return summary
 

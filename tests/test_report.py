@@ -10,14 +10,12 @@ import pytest
 import torch
 
 from scan_dist import report
-from scan_dist.report import (
-    PAPER_RESULTS,
+from scan_dist import run_report
+from scan_dist.report import PAPER_RESULTS, format_comparison_md, load_run, mean_std
+from scan_dist.run_report import (
     atomic_write_text,
-    format_comparison_md,
     format_metrics_table,
     format_time_table,
-    load_run,
-    mean_std,
     write_confusion_png,
     write_prototypes_png,
     write_report_md,
@@ -80,13 +78,13 @@ def test_prototypes_picks_most_confident(tmp_path, monkeypatch):
     preds = np.array([0, 0, 0, 1, 1, 1])
     conf = np.array([0.1, 0.9, 0.5, 0.3, 0.2, 0.8])
     seen = {}
-    real = report._images_nchw
+    real = run_report._images_nchw
 
     def spy(imgs, indices):
         seen["indices"] = list(indices)
         return real(imgs, indices)
 
-    monkeypatch.setattr(report, "_images_nchw", spy)
+    monkeypatch.setattr(run_report, "_images_nchw", spy)
     write_prototypes_png(tmp_path / "p.png", images, preds, conf, num_clusters=2, per_cluster=2)
     assert seen["indices"] == [1, 2, 5, 3]
 
@@ -175,7 +173,7 @@ def test_failed_text_write_keeps_old_file(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("interrupted")
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
+    monkeypatch.setattr(run_report.os, "replace", broken_replace)
     with pytest.raises(OSError, match="interrupted"):
         write_report_md(out, METRICS, STAGES, {})
     assert out.read_text() == "old report"
@@ -186,7 +184,7 @@ def test_failed_markdown_build_leaves_no_file(tmp_path, monkeypatch):
     def broken_md_cell(value):
         raise ValueError("bad value")
 
-    monkeypatch.setattr(report, "_md_cell", broken_md_cell)
+    monkeypatch.setattr(run_report, "_md_cell", broken_md_cell)
     with pytest.raises(ValueError):
         write_report_md(tmp_path / "report.md", METRICS, STAGES, {})
     assert os.listdir(tmp_path) == []
@@ -196,7 +194,7 @@ def test_import_has_no_backend_side_effect():
     import subprocess
     import sys
 
-    code = ("import matplotlib, scan_dist.report, scan_dist.metrics; "
+    code = ("import matplotlib, scan_dist.report, scan_dist.run_report, scan_dist.metrics; "
             "import sys; assert 'matplotlib.pyplot' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import metrics as M
-from .. import report
+from .. import run_report
 from ..io_utils import atomic_path, load_torch
 from .common import infer
 from .scan import EVAL_LOGITS
@@ -66,7 +66,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
         results["final"] = M.cluster_metrics(targets, predictions.numpy(), probs.numpy())
         mapping = M.hungarian_match(targets, predictions.numpy(), cfg.num_clusters, eval_set.num_classes)
         confusion = M.confusion_matrix(targets, predictions.numpy(), mapping)
-        report.write_confusion_png(run_dir / "confusion.png", confusion, eval_set.class_names,
+        run_report.write_confusion_png(run_dir / "confusion.png", confusion, eval_set.class_names,
                                    title=f"{cfg.name}: ACC {results['final']['acc']:.3f}")
         cluster_names = _cluster_names(mapping, eval_set.class_names, cfg.num_clusters)
         results["scan_heads"] = _score_scan_heads(ctx, targets, keep)
@@ -74,10 +74,10 @@ def run(cfg, ctx, config_hash: str) -> dict:
             results["kmeans_pixels"] = kmeans_pixels(cfg, ctx, targets, keep)
     else:
         results["final"] = {"acc": None, "nmi": None, "ari": None, "ami": None}
-        report.write_confusion_png(run_dir / "confusion.png", _cluster_sizes(predictions, cfg.num_clusters),
+        run_report.write_confusion_png(run_dir / "confusion.png", _cluster_sizes(predictions, cfg.num_clusters),
                                    None, title=f"{cfg.name}: cluster sizes (no labels)")
         cluster_names = None
-    report.write_prototypes_png(run_dir / "prototypes.png", lambda rows: ctx.eval_images("eval", keep[rows]),
+    run_report.write_prototypes_png(run_dir / "prototypes.png", lambda rows: ctx.eval_images("eval", keep[rows]),
                                 predictions.numpy(), confidence.numpy(), cfg.num_clusters, cluster_names=cluster_names)
     return {"artifacts": {"assignments": str(run_dir / "assignments.csv")}, "metrics": results}
 
