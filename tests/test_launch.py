@@ -148,3 +148,17 @@ def test_second_launch_on_a_busy_run_folder_fails_at_once(tmp_path):
     finally:
         first.kill()
         first.wait()
+
+
+@pytest.mark.slow
+def test_readme_example_a_preset_pointed_at_a_photo_folder(tmp_path):
+    """README: `python -m scan_dist.launch demo data.path=/data/photos num_clusters=5` -- here in its quick form (the
+    smoke preset, tiny images): the preset's own data.format (idx) gives way to detection, which is logged."""
+    _write_images(tmp_path / "photos", 40, 20)
+    run_dir = tmp_path / "run"
+    result = run_cli("--run-dir", str(run_dir), "smoke", f"data.path={tmp_path / 'photos'}", "num_clusters=3",
+                     "data.image_size=16", "mine.k=5", "mine.eval_k=3", "scan.batch_size=16", "pretext.batch_size=16",
+                     "selflabel.batch_size=16", "run.progress=false")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "data.format=auto: flat detected" in (run_dir / "log.txt").read_text()
+    assert json.loads((run_dir / "metrics.json").read_text())["acc"] is None  # no labels in a flat folder
