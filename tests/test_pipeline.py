@@ -89,6 +89,35 @@ def test_sigkill_mid_scan_resumes_to_same_metrics(smoke_run, tmp_path):
         assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
 
 
+def test_sigkill_at_a_random_point_of_every_stage_resumes_to_same_metrics(smoke_run, tmp_path):
+    """One run folder, SIGKILLed at a random moment of each of the six stages in turn (after the stage's start is
+    logged), relaunched each time: the final metrics equal the uninterrupted run's."""
+    import random
+
+    reference = json.loads((smoke_run[0] / "metrics.json").read_text())
+    run_dir, rng, killed_in = tmp_path / "killed", random.Random(0), []
+    for stage in ("pretext", "embed", "mine", "scan", "selflabel", "evaluate"):
+        proc = launch(run_dir, *FULL_SCAN, wait=False)
+        log = run_dir / "log.txt"
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and f"stage {stage}: running" not in (
+                log.read_text() if log.exists() else ""):
+            time.sleep(0.02)
+        if proc.poll() is not None:  # the run got past this stage before the kill (short stages): nothing to kill
+            continue
+        time.sleep(rng.uniform(0.0, 1.5))
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed_in.append(stage)
+    result = launch(run_dir, *FULL_SCAN)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert len(killed_in) >= 4, killed_in
+    assert "is stale; taking it over" in (run_dir / "log.txt").read_text()  # the killed runs' lock
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("acc", "nmi", "ari", "ami"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+
+
 @pytest.mark.parametrize("overrides", [(), ("scan.features=backbone", "scan.head_hidden=0")],
                          ids=["as-shipped", "heads-on-backbone"])
 def test_smoke_head_mode(tmp_path, fashion_mnist, overrides):
