@@ -170,7 +170,8 @@ class RunConfig:
     checkpoint_every_steps: int = 200  # stage checkpoints (resume after a kill)
     checkpoint_every_min: float = 30.0  # also checkpoint when this much time passed since the last one (0: off)
     progress: bool = True  # tqdm progress bars
-    eval_batch_size: int = 1024
+    eval_batch_size: Optional[int] = None  # inference batch; None: by input size (1024 at 32 px, 32 at 224 px on
+    #                                        CPU; 8x that on CUDA), so large images do not exhaust host memory
     baseline: bool = True  # compute the k-means-on-pixels baseline in the evaluate stage
     tune_malloc: bool = True  # CPU runs on glibc: keep freed host memory for reuse (host_memory.py)
     monitor_labels: bool = False  # history: each SCAN/self-label epoch also scores the heads against the labels
@@ -350,7 +351,7 @@ def validate(cfg: Config) -> None:
         "selflabel.batch_size": cfg.selflabel.batch_size,
         "scan.num_heads": cfg.scan.num_heads,
         "mine.k": cfg.mine.k,
-        "run.eval_batch_size": cfg.run.eval_batch_size,
+        "run.eval_batch_size": cfg.run.eval_batch_size if cfg.run.eval_batch_size is not None else 1,
     }
     for key, value in positive.items():
         if value < 1:

@@ -97,9 +97,9 @@ def _is_complete(folder: Path, key: str) -> bool:
 
 
 def _forward(ctx, backbone, pixels: torch.Tensor) -> torch.Tensor:
-    """Backbone features of normalised images in slices of run.eval_batch_size, at dist.precision."""
+    """Backbone features of normalised images in slices of the inference batch size, at dist.precision."""
     precision = PRECISIONS[ctx.cfg.dist.precision]
-    step = max(1, ctx.cfg.run.eval_batch_size)
+    step = max(1, ctx.eval_batch_size)
     outputs = []
     for start in range(0, len(pixels), step):
         with contextlib.nullcontext() if precision is None else torch.autocast(ctx.device.type, dtype=precision):

@@ -20,9 +20,10 @@ from .common import infer, load_rows
 
 
 # The pixel PCA is fitted on at most this many evenly spaced training images, and on at most PCA_FIT_BYTES of
-# float32 pixels (ImageNet-size inputs hold 150k values per image: ~3,500 images then). Projection covers them all.
+# float32 pixels (ImageNet-size inputs hold 150k values per image: ~890 images then; Fashion-MNIST: all 60k).
+# The projection covers every image.
 PCA_MAX_IMAGES = 65536
-PCA_FIT_BYTES = 2 << 30
+PCA_FIT_BYTES = 512 << 20
 
 
 def fit_pixel_pca(flat: torch.Tensor, dims: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -48,8 +49,9 @@ def pixel_pca(cfg, ctx) -> tuple[torch.Tensor, torch.Tensor]:
     rows = np.unique(np.linspace(0, len(reader) - 1, num=count).astype(np.int64))
     source = ctx.inference_batches("train")
     mean, std = (torch.tensor(v).view(1, -1, 1, 1) for v in ctx.normalization)
-    chunks = [(source.build_now(rows[i:i + 4096])["views"][0].cpu().float() * std + mean).flatten(1)
-              for i in range(0, len(rows), 4096)]
+    step = max(1, (64 << 20) // (4 * pixels))  # ~64 MB of pixels per chunk
+    chunks = [(source.build_now(rows[i:i + step])["views"][0].cpu().float() * std + mean).flatten(1)
+              for i in range(0, len(rows), step)]
     source.close()
     return comm.broadcast_object(fit_pixel_pca(torch.cat(chunks), ctx.pca_dims, cfg.run.seed))
 
