@@ -258,7 +258,7 @@ def equalize(x: Tensor) -> Tensor:
     levels = (x * 255).round_().clamp_(0, 255).long().reshape(n * c, h * w)
     # One bincount over disjoint 256-bin ranges = a batched histogram.
     offsets = torch.arange(n * c, device=x.device).mul_(256).unsqueeze(1)
-    hist = torch.bincount((levels + offsets).view(-1), minlength=n * c * 256).view(n * c, 256)
+    hist = torch.bincount((levels + offsets).reshape(-1), minlength=n * c * 256).view(n * c, 256)
     last_bin = 255 - (hist.flip(1) > 0).long().argmax(dim=1, keepdim=True)
     step = (h * w - hist.gather(1, last_bin)) // 255
     before = hist.cumsum(1) - hist

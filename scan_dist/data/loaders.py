@@ -85,9 +85,13 @@ class BatchBuilder:
     """The map-style dataset of the loaders: `builder[request]` -> one batch (a dict of CPU tensors)."""
 
     def __init__(self, reader: Reader, specs: Sequence[ViewSpec], transforms: dict[str, ViewTransform], seed: int,
-                 finish_in_loader: bool, on_bad_image: str = "fail", partners: Partners | None = None):
+                 finish_in_loader: bool, on_bad_image: str = "fail", partners: Partners | None = None,
+                 execute_base: bool = True):
         self.reader, self.specs, self.transforms = reader, tuple(specs), transforms
         self.seed, self.finish_in_loader, self.on_bad_image, self.partners = seed, finish_in_loader, on_bad_image, partners
+        # False: leave the base phase to another executor (DALI): the batch carries the stored images (HWC) and
+        # each view's source map instead of views.
+        self.execute_base = execute_base
         if any(spec.rows == "partner" for spec in self.specs) and partners is None:
             raise ValueError("partner views need a Partners table")
 
@@ -108,6 +112,9 @@ class BatchBuilder:
                  "bad": torch.tensor(sorted(set(bad)), dtype=torch.int64)}
         if "partner" in rows:
             batch["partner"] = torch.from_numpy(rows["partner"])
+        if not self.execute_base:
+            batch["stored"] = {name: _channels_last(stored) for name, stored in images.items()}
+            batch["maps"] = []
         for spec in self.specs:
             transform = self.transforms[spec.kind]
             indices = rows[spec.rows]
@@ -116,11 +123,16 @@ class BatchBuilder:
             stored = images[spec.rows]
             if isinstance(stored, torch.Tensor):  # one size: batched
                 hw = np.tile(np.array(stored.shape[-2:], dtype=np.int64), (len(indices), 1))
-                params = transform.params(u, hw)
+            else:
+                hw = np.array([img.shape[-2:] for img in stored], dtype=np.int64).reshape(-1, 2)
+            params = transform.params(u, hw)
+            if not self.execute_base:
+                batch["maps"].append(torch.from_numpy(transform.source_map(params, hw)))
+                batch["params"].append(params)
+                continue
+            if isinstance(stored, torch.Tensor):
                 base = transform.base(stored, params)
             else:  # decoded files of any size
-                hw = np.array([img.shape[-2:] for img in stored], dtype=np.int64)
-                params = transform.params(u, hw)
                 base = torch.stack([transform.base_one(img, params, i) for i, img in enumerate(stored)])
             if self.finish_in_loader:
                 batch["views"].append(transform.finish(base, params))
@@ -145,6 +157,13 @@ class BatchBuilder:
                 side = getattr(reader, "resize_size", reader.image_size)
                 out.append(torch.zeros(reader.channels, side, side, dtype=torch.uint8))
         return out
+
+
+def _channels_last(stored):
+    """[B, C, H, W] -> [B, H, W, C], or a list of [C, h, w] -> a list of [h, w, C] (what DALI takes)."""
+    if isinstance(stored, torch.Tensor):
+        return stored.permute(0, 2, 3, 1).contiguous()
+    return [img.permute(1, 2, 0).contiguous() for img in stored]
 
 
 class EpochRequests(Sampler):

@@ -198,7 +198,7 @@ class ViewTransform:
             raise ValueError(f"expected uint8 images [B, C, H, W], got {x.dtype} {tuple(x.shape)}")
         out = int(p["out"])
         if self.kind in ("simclr", "weak"):
-            pad = "zeros" if self.kind == "weak" and self.cfg.translate_frac > 0 else "border"
+            pad = "zeros" if self.fills_outside else "border"
             y = A.affine(x.float(), p["lin"].to(x.device), p["shift"].to(x.device), padding_mode=pad,
                          size=(out, out))
             return y.round_().clamp_(0, 255).to(torch.uint8)
@@ -221,6 +221,33 @@ class ViewTransform:
                                 align_corners=False, antialias=True)[0].round_().clamp_(0, 255).to(torch.uint8)
         top, left = (int(v) for v in p["offset"][row])
         return img[:, top:top + out, left:left + out]
+
+    def source_map(self, p: dict[str, Tensor], hw) -> np.ndarray:
+        """float32 [B, 2, 3]: the `base` phase of each sample as one affine map from output to stored pixel
+        coordinates (pixel edges at integers, centres at +0.5), for executors that warp (DALI's warp_affine).
+        simclr/weak: the crop box (+ flip, + translation); eval/strong: the enlargement of small images and the
+        integer crop -- a pure translation, so sampling hits pixel centres and copies them exactly."""
+        hw = np.asarray(hw, dtype=np.float64).reshape(-1, 2)
+        h, w = hw[:, 0], hw[:, 1]
+        out = float(p["out"])
+        m = np.zeros((len(hw), 2, 3))
+        if self.kind in ("simclr", "weak"):
+            # grid_sample (align_corners=False): src = size/2 * (L (2 dst/out - 1) + t + 1), per axis.
+            lin, shift = p["lin"].double().numpy(), p["shift"].double().numpy()
+            half = np.stack([w, h], axis=1)[:, :, None] / 2
+            m[:, :, :2] = half * lin * (2 / out)
+            m[:, :, 2] = half[:, :, 0] * (shift + 1 - lin.sum(axis=2))
+        else:
+            fit, offset = p["fit"].double().numpy(), p["offset"].double().numpy()
+            sy, sx = h / fit[:, 0], w / fit[:, 1]
+            m[:, 0, 0], m[:, 0, 2] = sx, offset[:, 1] * sx
+            m[:, 1, 1], m[:, 1, 2] = sy, offset[:, 0] * sy
+        return m.astype(np.float32)
+
+    @property
+    def fills_outside(self) -> bool:
+        """Whether `base` fills outside the stored image with 0 (weak translation) rather than repeating the border."""
+        return self.kind == "weak" and self.cfg.translate_frac > 0
 
     # ---- phase 2: float ops and normalisation -------------------------------------------------------------------
 
