@@ -61,7 +61,7 @@ RESULTS_DIR = BENCH_DIR / "results"
 BASELINES: dict[str, frozenset] = {
     "knn": frozenset({"naive_fp32", "naive_bf16", "faiss"}),
     "scan_loss": frozenset({"torch", "compile"}),
-    "pipeline": frozenset({"tv2", "project"}),
+    "pipeline": frozenset({"tv2"}),
 }
 # Row fields naming the implementation when a row has no "impl", and fields naming the case being measured.
 _IMPL_FIELDS = ("backend", "zero", "precision", "compile", "channels_last", "augment", "workers", "threads")

@@ -55,9 +55,12 @@ def test_profile_errors_name_the_problem(tmp_path):
         cluster.executor_parameters(res, "x")
 
 
-def test_status_and_cancel_need_a_slurm_run(tmp_path, capsys):
+def test_status_needs_a_run_folder_and_cancel_a_slurm_run(tmp_path, capsys):
     assert main(["status", str(tmp_path)]) == 2
-    assert "no SLURM jobs" in capsys.readouterr().err
+    assert "not a run folder (no config.yaml and no SLURM jobs)" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text("run: {}\n")  # a local run: status reads its history
+    assert main(["status", str(tmp_path)]) == 0
+    assert "no training point logged yet" in capsys.readouterr().out
     assert main(["cancel", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
@@ -71,7 +74,7 @@ def test_finished_job_ignores_a_late_time_limit_signal(tmp_path, monkeypatch):
     """After the pipeline returns, USR2 (time limit) must not kill the task while submitit saves its result."""
     import signal
 
-    from scan_dist import launch
+    from scan_dist import job
 
     (tmp_path / "config.yaml").write_text(to_yaml(load_config("smoke")))
     seen = {}
@@ -80,7 +83,7 @@ def test_finished_job_ignores_a_late_time_limit_signal(tmp_path, monkeypatch):
         seen["handler_during_run"] = signal.getsignal(signal.SIGUSR2)
         return 0
 
-    monkeypatch.setattr(launch, "run_local", fake_run_local)
+    monkeypatch.setattr(job, "run_local", fake_run_local)
     previous = signal.signal(signal.SIGUSR2, signal.default_int_handler)  # stands in for submitit's handler
     try:
         assert cluster.PipelineJob(str(tmp_path))() == 0
