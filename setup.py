@@ -11,7 +11,7 @@ setup(
         "scan_dist.stages",
         "scan_dist.data",
         "scan_dist.models",
-        "scan_dist.dist",
+        "scan_dist.distributed",
         "scan_dist.data.formats",
         "scan_dist.kernels",
         "scan_dist.slurm_profiles",

@@ -99,7 +99,7 @@ def make_setup(args, device: torch.device) -> Setup:
 
 def make_engine(args, precision: str, device: torch.device):
     from scan_dist.config import DistConfig
-    from scan_dist.dist.engine import Engine
+    from scan_dist.distributed.engine import Engine
     from scan_dist.models.heads import ClusterHeads
 
     torch.manual_seed(0)
@@ -171,7 +171,7 @@ def instrumented_epoch(args, setup: Setup, engine, backend: str, seconds: float 
     from scan_dist.data.loaders import sample_partners
     from scan_dist.data.sampling import epoch_order, steps_per_epoch, stream_key
     from scan_dist.losses import scan_objective
-    from scan_dist.stages import scan
+    from scan_dist.stages import feature_cache, scan
     from scan_dist.trainer import READ_EVERY
 
     steps = steps_per_epoch(args.num, args.batch)
@@ -184,8 +184,8 @@ def instrumented_epoch(args, setup: Setup, engine, backend: str, seconds: float 
         anchors = batch["index"].numpy()
         key = stream_key(SEED, "scan", batch["epoch"])
         partners = sample_partners(setup.neighbors, key, anchors)
-        chosen = torch.cat([scan.draw_views(key, anchors, scan.ANCHOR_VIEW_DRAW, args.views),
-                            scan.draw_views(key, anchors, scan.PARTNER_VIEW_DRAW, args.views)])
+        chosen = torch.cat([feature_cache.draw_views(key, anchors, feature_cache.ANCHOR_VIEW_DRAW, args.views),
+                            feature_cache.draw_views(key, anchors, feature_cache.PARTNER_VIEW_DRAW, args.views)])
         features = setup.cache.get(chosen, torch.from_numpy(np.concatenate([anchors, partners])))
         marks.append(clock.mark())
         logits = engine(features)

@@ -266,7 +266,7 @@ class _Row:
         from scan_dist.data.augment import AugmentConfig
         from scan_dist.data.sampling import draws, stream_key
         from scan_dist.data.transforms import make_transform
-        from scan_dist.dist.engine import Engine
+        from scan_dist.distributed.engine import Engine
 
         args, spec, stage, optimizer, cfg_dist, env = self._deferred
         self._deferred = None
@@ -383,7 +383,7 @@ def _run_row(args, spec_row: dict, env, device: torch.device, seconds: float | N
         bench.engine.barrier()
         left = None if seconds is None else max(0.0, seconds - (time.perf_counter() - begin))
         stats = time_ms(bench, device, warmup=args.warmup, repeats=args.repeats, seconds=left)
-        from scan_dist.dist import comm
+        from scan_dist.distributed import comm
 
         last = comm.mean_over_ranks(bench.last)
         memory = _peak_memory_mb(device)
@@ -424,7 +424,7 @@ def _run_row(args, spec_row: dict, env, device: torch.device, seconds: float | N
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from scan_dist.dist.env import destroy_process_group, detect, init_process_group
+    from scan_dist.distributed.env import destroy_process_group, detect, init_process_group
 
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     env = detect()

@@ -8,7 +8,7 @@ features; the profile's per-job resources are the knob for that later.)
 
 Resources come from a cluster profile (`slurm/profiles/<name>.yaml`, `slurm.profile=NAME` or a path) with the
 `slurm.*` config keys on top. The job runs `PipelineJob` in every task (one task per GPU); each task finds its rank
-from SLURM's variables (`dist/env.py`). On SIGUSR2 — sent `slurm.signal_delay_s` before the time limit, or by a
+from SLURM's variables (`distributed/env.py`). On SIGUSR2 — sent `slurm.signal_delay_s` before the time limit, or by a
 preemption — submitit calls `PipelineJob.checkpoint` in rank 0 and requeues the same job id; the requeued tasks
 skip finished stages and resume the running one from its last checkpoint (`run.checkpoint_every_steps`), exactly.
 The run folder must be on a filesystem every node sees. Job ids are recorded in `<run>/jobs.json` for

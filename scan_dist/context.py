@@ -16,7 +16,7 @@ from .data.formats.common import existing_dir
 from .data.loaders import (BatchBuilder, BatchSource, EpochRequests, LoaderSettings, Partners, RangeRequests, Request,
                            ViewSpec)
 from .data.transforms import ViewTransform
-from .dist import comm
+from .distributed import comm
 from .errors import DataError
 
 # What each format expects at data.path, for the message when the data is missing.
@@ -51,7 +51,7 @@ class RunContext:
 
     def engine(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None):
         """Wrap a model and its optimizer for dist.backend (none | ddp | deepspeed): the stages' only door to it."""
-        from .dist.engine import Engine  # DeepSpeed is imported only when a run asks for it
+        from .distributed.engine import Engine  # DeepSpeed is imported only when a run asks for it
 
         return Engine(model, optimizer, self.cfg.dist, self.env)
 

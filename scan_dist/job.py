@@ -17,8 +17,8 @@ import torch
 from . import preemption, run_report
 from .config import Config, to_yaml
 from .context import RunContext
-from .dist import comm
-from .dist import env as dist_env
+from .distributed import comm
+from .distributed import env as dist_env
 from .errors import ConfigError
 from .host_memory import tune_malloc
 from .io_utils import write_text

@@ -82,11 +82,10 @@ def _job_command(argv: list[str]) -> int:
     if not run_dir.is_dir():
         raise ConfigError(f"run folder {run_dir} does not exist")
     from . import cluster
+    from .history import format_status
 
     if argv[0] == "status":
         if not (run_dir / "jobs.json").is_file():  # a local run: its history says where it is
-            from .history import format_status
-
             if not (run_dir / "config.yaml").is_file():
                 raise ConfigError(f"status: {run_dir} is not a run folder (no config.yaml and no SLURM jobs)")
             print(format_status(run_dir))

@@ -23,7 +23,7 @@ from . import run_report
 from .config import Config, section_hash
 from .context import RunContext
 from .curves import write_curves_png
-from .dist import comm
+from .distributed import comm
 from .io_utils import write_json
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
 

@@ -28,8 +28,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
-from .dist import comm
-from .dist.checkpoint import load_checkpoint, restore, save_checkpoint
+from .distributed import comm
+from .distributed.checkpoint import load_checkpoint, restore, save_checkpoint
 from . import preemption
 from .errors import ConfigError, TrainingError
 from .history import HistoryWriter

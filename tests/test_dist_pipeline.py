@@ -26,6 +26,10 @@ SMALL = ("run.progress=false", "run.threads=1", "data.max_images=1024", "data.ma
          "run.checkpoint_every_steps=2", "dist.timeout_s=60")
 
 
+# Self-labelling's loss after 2 vs 1 processes: a step-function mask amplifies reduction-order noise (see
+# test_two_ddp_processes_equal_one); measured up to 1.4 % apart.
+SELFLABEL_REL = 3e-2
+
 def launch_cmd(run_dir: Path, *overrides: str, nproc: int = 1, nnodes: int = 1, node_rank: int = 0,
                port: int | None = None) -> list[str]:
     if nproc == 1 and nnodes == 1:
@@ -73,11 +77,12 @@ def test_two_ddp_processes_equal_one(one_process, two_ddp):
     assert two["world_size"] == 2 and one_process["world_size"] == 1
     # The views are bitwise those of one process (tests/test_loaders.py); what differs is float reduction order
     # (gradient all-reduce, SyncBatchNorm), which the training amplifies (weights after 4 pretext steps differ by
-    # ~1e-2 before and after the data-layer redesign). Measured (one run, counter-based views): pretext 5.73442 vs
-    # 5.73423, SCAN -9.21923 vs -9.21923, self-label 1.9703 vs 1.9557: its confidence mask (threshold 0.15 on 10
-    # clusters) is a step function, and 17.5 % vs 19.0 % of the samples passed it -- hence its wider tolerance.
+    # ~1e-2 before and after the data-layer redesign). Measured (counter-based views): pretext 5.73442 vs 5.73423,
+    # SCAN -9.21923 vs -9.21923, self-label 1.9703 vs 1.9557 in one run and 2.0088 vs 2.0377 (1.4 %) in a later one:
+    # its confidence mask (threshold 0.15 on 10 clusters) is a step function, and 17.5 % vs 19.0 % of the samples
+    # passed it -- hence its wider tolerance (SELFLABEL_REL).
     for key, value in stage_losses(one_process).items():
-        assert stage_losses(two)[key] == pytest.approx(value, rel=1e-2 if key == "selflabel" else 2e-3), key
+        assert stage_losses(two)[key] == pytest.approx(value, rel=SELFLABEL_REL if key == "selflabel" else 2e-3), key
     for a, b in zip(one_process["stages"]["scan"]["selection_losses"], two["stages"]["scan"]["selection_losses"]):
         assert a == pytest.approx(b, abs=0.02)
     for key in ("acc", "nmi", "ari"):
@@ -183,4 +188,4 @@ def test_ddp_run_resumes_on_another_number_of_processes(one_process, tmp_path):
     resumed = metrics(run_dir)
     assert resumed["world_size"] == 1
     for key, value in stage_losses(one_process).items():  # tolerances as in test_two_ddp_processes_equal_one
-        assert stage_losses(resumed)[key] == pytest.approx(value, rel=1e-2 if key == "selflabel" else 2e-3), key
+        assert stage_losses(resumed)[key] == pytest.approx(value, rel=SELFLABEL_REL if key == "selflabel" else 2e-3), key

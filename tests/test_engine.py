@@ -25,8 +25,8 @@ if __name__ == "__main__":  # run as a rank: make `scan_dist` and the test helpe
 
 from gloo import free_port  # noqa: E402
 
-from scan_dist.dist.engine import CpuSyncBatchNorm, Engine, deepspeed_config  # noqa: E402
-from scan_dist.dist.env import DistEnv, detect  # noqa: E402
+from scan_dist.distributed.engine import CpuSyncBatchNorm, Engine, deepspeed_config  # noqa: E402
+from scan_dist.distributed.env import DistEnv, detect  # noqa: E402
 from scan_dist.errors import ConfigError  # noqa: E402
 
 GLOBAL_BATCH = 8
@@ -272,7 +272,7 @@ def _main(argv: list[str]) -> None:
         _rank_timeout(env, out)
     else:
         raise SystemExit(f"unknown scenario {scenario}")
-    from scan_dist.dist.env import destroy_process_group
+    from scan_dist.distributed.env import destroy_process_group
 
     destroy_process_group()
     # Results are on disk. Skip interpreter teardown: a DeepSpeed/gloo background thread was once destroyed while
@@ -572,7 +572,7 @@ if __name__ == "__main__":
 
 def test_unit_stride_parameters_fixes_channels_last_1x1_convs():
     """DeepSpeed's byte-view broadcast needs stride(-1) == 1; a channels_last 1x1 conv weight has stride C_in."""
-    from scan_dist.dist.engine import unit_stride_parameters
+    from scan_dist.distributed.engine import unit_stride_parameters
 
     model = torch.nn.Sequential(torch.nn.Conv2d(8, 4, 1), torch.nn.Conv2d(4, 4, 3)).to(
         memory_format=torch.channels_last)

@@ -5,8 +5,8 @@ import stat
 import pytest
 import torch
 
-from scan_dist.dist import env as env_mod
-from scan_dist.dist.env import (DistEnv, destroy_process_group, detect, expand_nodelist, expand_nodelist_python,
+from scan_dist.distributed import env as env_mod
+from scan_dist.distributed.env import (DistEnv, destroy_process_group, detect, expand_nodelist, expand_nodelist_python,
                                 init_process_group, parse_tasks_per_node, slurm_port)
 from scan_dist.errors import ConfigError
 

@@ -4,7 +4,7 @@ import subprocess
 import pytest
 import torch
 
-from scan_dist.dist.checkpoint import load_checkpoint, save_checkpoint
+from scan_dist.distributed.checkpoint import load_checkpoint, save_checkpoint
 from scan_dist.errors import StorageError
 
 

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 pytest.importorskip("triton", reason="triton is not installed (pip install triton); the torch path is tested in "
                     "test_knn.py")
@@ -151,7 +152,15 @@ def test_exact_ties_and_duplicates_prefer_smaller_index():
         scores, index, _ = _run(queries, keys, 30, "cosine", precision)
         same = scores[:, 1:] == scores[:, :-1]
         assert (index[:, 1:] > index[:, :-1])[same].all()
-        assert_exact((scores, index), knn_reference(queries, keys, 30, "cosine"))
+        # Different key rows whose cosines are equal in exact arithmetic round differently under another summation
+        # order (D padded to 16 here, tensor cores on a GPU): the answer is exact when every returned neighbour's
+        # float64 cosine equals the reference's at that rank, to fp32 rounding (measured: 3e-8 apart).
+        ref_scores, _ = knn_reference(queries, keys, 30, "cosine")
+        true = F.normalize(queries.double(), dim=1) @ F.normalize(keys.double(), dim=1).T
+        picked = torch.gather(true, 1, index.cpu())
+        torch.testing.assert_close(picked, ref_scores.double(), rtol=0, atol=1e-6)
+        torch.testing.assert_close(scores.cpu(), ref_scores, rtol=0, atol=1e-6)
+        assert all(len(set(row)) == 30 for row in index.tolist())
 
 
 def test_tie_at_the_cut_keeps_smallest_indices():

@@ -6,7 +6,8 @@ import torch
 from scan_dist import kernels
 from scan_dist.data.loaders import sample_partners
 from scan_dist.data.sampling import stream_key
-from scan_dist.stages.scan import ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW, draw_views, selection_losses
+from scan_dist.stages.feature_cache import ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW, draw_views
+from scan_dist.stages.scan import selection_losses
 
 
 def test_sample_partners_draws_from_list_and_self():

@@ -75,7 +75,7 @@ def test_checkpoint_of_other_config_is_ignored(tmp_path):
     with pytest.raises(Crash):
         train(ctx, crash_at=3)
     (tmp_path / "stage" / "checkpoint.pt").rename(tmp_path / "stage" / "keep.pt")
-    from scan_dist.dist.checkpoint import load_checkpoint
+    from scan_dist.distributed.checkpoint import load_checkpoint
     assert load_checkpoint(tmp_path / "stage" / "keep.pt", "other-hash") is None
     assert load_checkpoint(tmp_path / "stage" / "keep.pt", "hash") is not None
 

@@ -1,4 +1,5 @@
-"""Pieces several stages share: optimiser construction and batched inference over a split."""
+"""Pieces several stages share: optimiser construction, batched inference over a split, the SCAN model with its
+selected head, and the end-of-epoch head diagnostics (stages import this module, never each other)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -7,10 +8,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .. import diagnostics
 from ..data.loaders import ViewSpec
-from ..dist import comm
-from ..dist.shared_rows import SharedRows
+from ..distributed import comm
+from ..distributed.shared_rows import SharedRows
 from ..errors import TrainingError
+from ..io_utils import load_torch
+from ..models import build
 
 
 def make_optimizer(name: str, groups: list[dict], weight_decay: float, momentum: float) -> torch.optim.Optimizer:
@@ -66,3 +70,37 @@ def require_finite(array, what: str, advice: str, chunk: int = 65536) -> None:
         if not np.isfinite(block).all():
             row = start + int(np.flatnonzero(~np.isfinite(block.reshape(len(block), -1)).all(axis=1))[0])
             raise TrainingError(f"{what} are not finite (first at row {row}); {advice}")
+
+
+EVAL_LOGITS = "eval_logits.npy"  # [N_eval, H, C] float32: every head on the un-augmented evaluation images
+
+
+def load_scan_model(cfg, ctx):
+    """The SCAN model reduced to its selected head."""
+    saved = load_torch(ctx.run_dir / "scan" / "model.pt")
+    full = build.cluster_model(cfg, ctx, cfg.scan.num_heads)
+    full.load_state_dict(saved["model"])
+    full.heads = full.heads.keep_head(saved["best_head"])
+    return full
+
+
+def image_logits(ctx, model):
+    """`logits_fn(rows)` of a whole model on the un-augmented training images `rows`, built in this process."""
+    source = ctx.inference_batches("train")
+
+    def logits(rows):
+        return model(source.build_now(np.asarray(rows))["views"][0])
+
+    return logits
+
+
+def epoch_diagnostics(ctx, model, logits_fn, neighbors_path):
+    """The stage's `epoch_end`: label-free head diagnostics on a fixed sample of training rows (diagnostics.py)."""
+    rows = diagnostics.sample_rows(len(ctx.train_set))
+    targets = ctx.train_set.targets if ctx.cfg.run.monitor_labels else None
+
+    def run():
+        neighbors = np.load(neighbors_path, mmap_mode="r") if neighbors_path is not None else None
+        return diagnostics.head_diagnostics(logits_fn, rows, neighbors, targets, model)
+
+    return run

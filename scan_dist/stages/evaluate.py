@@ -17,9 +17,7 @@ import torch.nn.functional as F
 from .. import metrics as M
 from .. import run_report
 from ..io_utils import atomic_path, load_torch
-from .common import infer
-from .scan import EVAL_LOGITS
-from .selflabel import load_scan_model
+from .common import EVAL_LOGITS, infer, load_scan_model
 
 
 def final_model(cfg, ctx):

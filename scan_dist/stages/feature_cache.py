@@ -37,11 +37,12 @@ import torch
 from tqdm import tqdm
 
 from ..config import section_hash
+from ..data import sampling
 from ..data.formats import BadImage
 from ..data.loaders import ViewSpec
-from ..dist import comm
-from ..dist.engine import PRECISIONS
-from ..dist.shared_rows import SharedRows
+from ..distributed import comm
+from ..distributed.engine import PRECISIONS
+from ..distributed.shared_rows import SharedRows
 from ..errors import DataError
 
 CACHE_VERSION = 2
@@ -244,3 +245,16 @@ def _to_device(table: np.ndarray, device: torch.device, piece_bytes: int = 1 << 
         piece = np.array(table[start:start + rows_per_piece])  # a writable host copy
         out[start:start + len(piece)].copy_(torch.from_numpy(piece))
     return out
+
+
+# View numbers of the counter-based draws that pick a cached view for an anchor and for its partner.
+ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW = 250, 251
+
+
+def draw_views(key: int, anchors: np.ndarray, slot: int, views: int) -> torch.Tensor:
+    """A cached view per row: uniform over the augmented views 1..`views` (0 when `views` is 0), drawn from the
+    counter-based stream `key` for the row's anchor and `slot` (ANCHOR_VIEW_DRAW or PARTNER_VIEW_DRAW)."""
+    if views == 0:
+        return torch.zeros(len(anchors), dtype=torch.long)
+    u = sampling.uniform(key, anchors, slot)
+    return torch.from_numpy(np.minimum(np.floor(u * views).astype(np.int64), views - 1) + 1)

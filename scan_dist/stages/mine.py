@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..dist import comm
-from ..dist.shared_rows import SharedRows
+from ..distributed import comm
+from ..distributed.shared_rows import SharedRows
 from ..io_utils import save_torch
 from ..metrics import neighbor_agreement
 from ..models.mined_space import MinedSpace

@@ -17,29 +17,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import diagnostics, kernels
+from .. import kernels
 from ..data import sampling
 from ..data.loaders import EpochRequests, Partners, ViewSpec, sample_partners
-from ..dist import comm
+from ..distributed import comm
 from ..io_utils import load_torch, save_torch
 from ..losses import scan_objective
 from ..models import build
 from ..trainer import IndexSource, Schedule, run_epochs
-from .common import infer, make_optimizer, require_finite
-from .feature_cache import build_cache
-
-
-# View numbers of the counter-based draws that pick a cached view for an anchor and for its partner.
-ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW = 250, 251
-
-
-def draw_views(key: int, anchors: np.ndarray, slot: int, views: int) -> torch.Tensor:
-    """A cached view per row: uniform over the augmented views 1..`views` (0 when `views` is 0), drawn from the
-    counter-based stream `key` for the row's anchor and `slot` (ANCHOR_VIEW_DRAW or PARTNER_VIEW_DRAW)."""
-    if views == 0:
-        return torch.zeros(len(anchors), dtype=torch.long)
-    u = sampling.uniform(key, anchors, slot)
-    return torch.from_numpy(np.minimum(np.floor(u * views).astype(np.int64), views - 1) + 1)
+from .common import EVAL_LOGITS, epoch_diagnostics, image_logits, infer, make_optimizer, require_finite
+from .feature_cache import ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW, build_cache, draw_views
 
 
 SELECT_CHUNK_BYTES = 128 << 20  # partner logits read per chunk of the head selection
@@ -122,7 +109,6 @@ def run(cfg, ctx, config_hash: str) -> dict:
             "metrics": metrics}
 
 
-EVAL_LOGITS = "eval_logits.npy"  # [N_eval, H, C] float32: every head on the un-augmented evaluation images
 
 
 def _optimizer(cfg, model):
@@ -196,28 +182,6 @@ def train_on_features(cfg, ctx, model, neighbors_path, config_hash, features_fn,
                       schedule, epoch_end=epoch_diagnostics(
                           ctx, model.heads, lambda rows: model.heads(features_fn(zeros(rows), torch.from_numpy(rows))),
                           neighbors_path))
-
-
-def image_logits(ctx, model):
-    """`logits_fn(rows)` of a whole model on the un-augmented training images `rows`, built in this process."""
-    source = ctx.inference_batches("train")
-
-    def logits(rows):
-        return model(source.build_now(np.asarray(rows))["views"][0])
-
-    return logits
-
-
-def epoch_diagnostics(ctx, model, logits_fn, neighbors_path):
-    """The stage's `epoch_end`: label-free head diagnostics on a fixed sample of training rows (diagnostics.py)."""
-    rows = diagnostics.sample_rows(len(ctx.train_set))
-    targets = ctx.train_set.targets if ctx.cfg.run.monitor_labels else None
-
-    def run():
-        neighbors = np.load(neighbors_path, mmap_mode="r") if neighbors_path is not None else None
-        return diagnostics.head_diagnostics(logits_fn, rows, neighbors, targets, model)
-
-    return run
 
 
 def feature_logits(engine, features_fn, neighbors, seed: int, views: int):

@@ -12,23 +12,12 @@ import torch
 
 from ..data import sampling
 from ..data.loaders import EpochRequests, ViewSpec
-from ..dist import comm
-from ..io_utils import load_torch, save_torch
+from ..distributed import comm
+from ..io_utils import save_torch
 from ..losses import confident_targets, self_label_loss
-from ..models import build
 from ..trainer import IndexSource, Schedule, run_epochs
-from .common import make_optimizer
-from .feature_cache import build_cache
-from .scan import ANCHOR_VIEW_DRAW, draw_views, epoch_diagnostics, image_logits
-
-
-def load_scan_model(cfg, ctx):
-    """The SCAN model reduced to its selected head."""
-    saved = load_torch(ctx.run_dir / "scan" / "model.pt")
-    full = build.cluster_model(cfg, ctx, cfg.scan.num_heads)
-    full.load_state_dict(saved["model"])
-    full.heads = full.heads.keep_head(saved["best_head"])
-    return full
+from .common import epoch_diagnostics, image_logits, load_scan_model, make_optimizer
+from .feature_cache import ANCHOR_VIEW_DRAW, build_cache, draw_views
 
 
 @torch.no_grad()
