@@ -39,8 +39,8 @@ class DataConfig:
     std: Optional[List[float]] = None  # per-channel normalisation std; None: measured on the training images
     cache_dir: Optional[str] = None  # array formats are decoded once into a uint8 .npy here; None:
     #                                  $SCAN_DIST_CACHE_DIR or ~/.cache/scan_dist
-    workers: Optional[int] = None  # DataLoader worker processes per rank; None: 1 on CPU, min(8, CPUs) on CUDA;
-    #                                0 builds batches in the training loop
+    workers: Optional[int] = None  # DataLoader worker processes per rank; None: min(8, CPUs/2) on CUDA, on CPU 0
+    #                                for arrays and CPUs/4 (>= 1) for image files; 0 builds batches in the loop
     prefetch: int = 2  # batches each worker prepares ahead
     finish_on: str = "auto"  # where the float phase of augmentation runs: auto (device on CUDA, loader on CPU) |
     #                          loader | device
