@@ -85,11 +85,17 @@ def load_scan_model(cfg, ctx):
 
 
 def image_logits(ctx, model):
-    """`logits_fn(rows)` of a whole model on the un-augmented training images `rows`, built in this process."""
+    """`logits_fn(rows) -> [H, n, C]` of a whole model on the un-augmented training images `rows`, built in this
+    process in batches of run.eval_batch_size (the diagnostics ask for 1,024 rows and their neighbours: in one batch
+    that is 20k images, ~8 GB of activations at 224 px even for the smoke model)."""
     source = ctx.inference_batches("train")
+    step = ctx.eval_batch_size
 
+    @torch.no_grad()
     def logits(rows):
-        return model(source.build_now(np.asarray(rows))["views"][0])
+        rows = np.asarray(rows)
+        return torch.cat([model(source.build_now(rows[i:i + step])["views"][0])
+                          for i in range(0, len(rows), step)], dim=1)
 
     return logits
 
