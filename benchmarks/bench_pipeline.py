@@ -126,10 +126,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+    from scan_dist.data.loaders import usable_cpus
+
+    return usable_cpus()
 
 
 # --------------------------------------------------------------------------- data

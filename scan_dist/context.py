@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from functools import cached_property
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from .config import Config, load_config
 from .data.formats import FILE_FORMATS, Reader, detect_format, list_files, open_dataset
 from .data.formats.common import existing_dir
 from .data.loaders import (BatchBuilder, BatchSource, EpochRequests, LoaderSettings, Partners, RangeRequests, Request,
-                           ViewSpec)
+                           ViewSpec, usable_cpus)
 from .data.transforms import ViewTransform
 from .distributed import comm
 from .errors import DataError
@@ -172,13 +171,13 @@ class RunContext:
         workers = data.workers
         if workers is None:
             if self.device.type == "cuda":
-                workers = min(8, max(1, _cpus() // 2))
+                workers = min(8, max(1, usable_cpus() // 2))
             elif self.train_set.fixed_size:
                 # CPU, memory-mapped arrays: building a batch is cheap, and a worker beside the training threads
                 # costs more than it saves (the demo's pretext: 688 img/s with 1 worker, 938 with 0, 2 cores).
                 workers = 0
             else:
-                workers = max(1, _cpus() // 4)  # CPU, decoded files: decoding is worth a process
+                workers = max(1, usable_cpus() // 4)  # CPU, decoded files: decoding is worth a process
         return LoaderSettings(workers=workers, prefetch=data.prefetch, pin_memory=self.device.type == "cuda",
                               device=self.device, memory_format=self.memory_format)
 
@@ -260,13 +259,6 @@ def preset_format(name: str) -> str | None:
         return load_config(name).data.format
     except Exception:  # not a preset (a YAML file) or an unreadable one: no hint
         return None
-
-
-def _cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def resolve_device(name: str) -> torch.device:

@@ -22,7 +22,6 @@ same resize on the GPU before the warp, see the README's DALI paragraph.
 """
 from __future__ import annotations
 
-import os
 import time
 from collections import deque
 from types import SimpleNamespace
@@ -33,8 +32,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from ..errors import ConfigError, DataError
-from .loaders import BatchBuilder, BatchSource, LoaderSettings, Request
+from ..errors import ConfigError
+from .loaders import BatchBuilder, BatchSource, LoaderSettings, Request, usable_cpus
 
 __all__ = ["BACKENDS", "DALI_MISSING", "dali_available", "resolve_backend", "DaliBatchSource"]
 
@@ -80,11 +79,7 @@ def resolve_backend(name: str, device: torch.device | str) -> str:
 
 
 def _threads() -> int:
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(4, cores))
+    return max(1, min(4, usable_cpus()))
 
 
 class DaliBatchSource(BatchSource):
@@ -108,7 +103,7 @@ class DaliBatchSource(BatchSource):
         def take(count: int) -> list[dict]:
             raws = []
             for raw in iterator:
-                self._check(raw)
+                self.check(raw)
                 raws.append(raw)
                 if len(raws) == count:
                     break
@@ -128,7 +123,7 @@ class DaliBatchSource(BatchSource):
     def build_now(self, indices: np.ndarray, epoch: int = 0) -> dict:
         self._drain()
         raw = self.builder[Request(epoch, 0, np.asarray(indices, dtype=np.int64))]
-        self._check(raw)
+        self.check(raw)
         self._submit([raw])
         return self._finish(raw, self._outputs())
 
@@ -137,10 +132,6 @@ class DaliBatchSource(BatchSource):
         self._pipe, self._pending = None, 0
 
     # ---- DALI ----------------------------------------------------------------------------------------------
-
-    def _check(self, raw: dict) -> None:
-        if "error" in raw:
-            raise DataError(raw["error"])
 
     def _drain(self) -> None:
         """Read back and drop iterations an abandoned epoch left scheduled (a consumer that stopped early)."""
@@ -229,12 +220,6 @@ class DaliBatchSource(BatchSource):
         return bases
 
     def _finish(self, raw: dict, bases: list[Tensor]) -> dict:
-        if raw["bad"].numel():
-            self.bad.extend(raw["bad"].tolist())
-        views = []
-        settings = self.settings
-        for spec, base, params in zip(self.builder.specs, bases, raw["params"]):
-            view = self.builder.transforms[spec.kind].finish(base, params)
-            views.append(view.contiguous(memory_format=settings.memory_format))
+        """The torch path's consumer side (skip counts, the float phase, memory format) on DALI's base views."""
         batch = {key: value for key, value in raw.items() if key not in ("stored", "maps")}
-        return {**batch, "views": views, "params": [None] * len(views)}
+        return self.finish({**batch, "views": bases})

@@ -19,6 +19,7 @@ skips across workers (and the stage across ranks).
 """
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -201,6 +202,14 @@ class RangeRequests(Sampler):
             yield Request(0, step, np.arange(first, min(first + self.batch, self.stop), dtype=np.int64))
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a SLURM allocation), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 @dataclass
 class LoaderSettings:
     workers: int = 0
@@ -247,9 +256,14 @@ class BatchSource:
         """One finished batch of these rows, built in this process (no workers)."""
         return self.finish(self.builder[Request(epoch, 0, np.asarray(indices, dtype=np.int64))])
 
-    def finish(self, batch: dict) -> dict:
+    @staticmethod
+    def check(batch: dict) -> None:
+        """Raise the one-line error a worker returned instead of a batch (an unreadable file)."""
         if "error" in batch:
             raise DataError(batch["error"])
+
+    def finish(self, batch: dict) -> dict:
+        self.check(batch)
         if batch["bad"].numel():
             self.bad.extend(batch["bad"].tolist())
         settings = self.settings

@@ -109,8 +109,6 @@ def run(cfg, ctx, config_hash: str) -> dict:
             "metrics": metrics}
 
 
-
-
 def _optimizer(cfg, model):
     s = cfg.scan
     groups = [{"params": model.heads.parameters(), "lr": s.lr}]
