@@ -37,6 +37,7 @@ from .memory_plan import plan_memory
 from .config import Config, SlurmConfig, load_config
 from .errors import ConfigError
 from .io_utils import write_json
+from .trainer import scaled_epochs
 
 def _profile_dir() -> Path:
     """slurm/profiles of the source tree, or the copy installed as the scan_dist.slurm_profiles package."""
@@ -190,13 +191,16 @@ def estimate_gpu_hours(cfg: Config, res: Resources) -> dict:
     speed, source = THROUGHPUT.get(cfg.model.backbone, (None, "unknown backbone"))
     if images is None or speed is None:
         return {"gpu_hours": None, "why": "unknown dataset size or backbone throughput"}
+    def epochs(section) -> int:  # the epochs the stage will run: raised by <stage>.min_steps on small datasets
+        return scaled_epochs(section.epochs, section.min_steps, max(1, images // section.batch_size))
+
     # Views that go forward and backward through the backbone; inference passes count a third of a training one.
     work = {
-        "pretext": 0 if cfg.model.pretrained else 2 * cfg.pretext.epochs * images,
+        "pretext": 0 if cfg.model.pretrained else 2 * epochs(cfg.pretext) * images,
         "embed": images / 3,
-        "scan": (2 * cfg.scan.epochs * images if cfg.scan.mode == "full"
+        "scan": (2 * epochs(cfg.scan) * images if cfg.scan.mode == "full"
                  else (cfg.scan.cached_views + 1) * images / 3 if cfg.scan.mode == "cached" else images / 3),
-        "selflabel": 2 * cfg.selflabel.epochs * images if cfg.selflabel.enabled else 0,
+        "selflabel": 2 * epochs(cfg.selflabel) * images if cfg.selflabel.enabled else 0,
         "evaluate": images / 3 / 10,
     }
     hours = {stage: views / speed / 3600 for stage, views in work.items()}

@@ -71,6 +71,7 @@ class PretextConfig:
     warmup_epochs: float = 0.0
     temperature: float = 0.1  # NT-Xent temperature
     min_lr_ratio: float = 0.001  # cosine schedule floor as a fraction of lr (paper: 0.1**3)
+    min_steps: int = 0  # small datasets: run at least this many optimiser steps (epochs rise to reach it; 0: off)
 
 
 @dataclass
@@ -105,9 +106,12 @@ class ScanConfig:
     entropy_weight: float = 5.0
     view: str = "simclr"  # augmentation of anchor and neighbour: simclr | strong | weak | eval
     loss_backend: str = "auto"  # SCAN loss implementation: auto (Triton on CUDA, else torch) | triton | torch
+    select: str = "loss"  # head kept, without labels: loss (lowest SCAN loss on the evaluation images: the paper) |
+    #                        consensus (agrees most with the other heads, see head_consensus.py)
     select_entropy_weight: float = 1.0  # weight of the entropy in the head-selection loss (paper: 1)
     cached_views: int = 4  # mode=cached: augmented views stored per image (anchors and neighbours draw one of
     #                         them per step); 0 trains on the un-augmented features only (like mode=head)
+    min_steps: int = 0  # small datasets: run at least this many optimiser steps (epochs rise to reach it; 0: off)
 
 
 @dataclass
@@ -125,6 +129,7 @@ class SelfLabelConfig:
     view: str = "strong"  # augmentation the student is trained on: strong | simclr | weak
     mode: str = "full"  # full: backbone + head | cached: head only, on a frozen backbone's cached features
     cached_views: int = 4  # mode=cached: fixed augmented (selflabel.view) views per image in the cache
+    min_steps: int = 0  # small datasets: run at least this many optimiser steps (epochs rise to reach it; 0: off)
 
 
 @dataclass
@@ -213,6 +218,7 @@ _CHOICES = {
     "scan.optimizer": ("sgd", "adam"),
     "scan.loss_backend": ("auto", "triton", "torch"),
     "scan.view": ("simclr", "strong", "weak", "eval"),
+    "scan.select": ("consensus", "loss"),
     "selflabel.optimizer": ("sgd", "adam"),
     "selflabel.mode": ("full", "cached"),
     "selflabel.view": ("strong", "simclr", "weak"),

@@ -1,8 +1,11 @@
-"""Command line entry: `python -m scan_dist.launch [--local | --nodes N] [--dry-run] [--run-dir DIR] PRESET [k=v ...]`.
+"""Command line entry: `python -m scan_dist.launch [--local | --nodes N] [--dry-run] [--run-dir DIR] [--seeds 0,1,2]
+PRESET [k=v ...]`.
 
 Builds the config (preset or YAML file, then dotted overrides), writes it to the run folder and runs the pipeline
-here (`--local`, the default; torchrun-compatible), or prints the plan (`--dry-run`). User errors print one line
-and exit with status 2.
+here (`--local`, the default; torchrun-compatible), or prints the plan (`--dry-run`). `--seeds` makes one run
+folder per seed (`<run dir>/seed<S>`), runs them one after the other (or submits one job each with --nodes) and
+ends with the mean ± std table of `python -m scan_dist.report` over them. User errors print one line and exit with
+status 2.
 """
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import torch
 
 from .config import Config, available_presets, load_config, to_yaml
 from .context import RunContext
+from .distributed import comm
 from .errors import ConfigError, ScanDistError
 from .io_utils import write_json
 from .logs import setup_logging
@@ -45,16 +49,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue a run from its folder (its config.yaml; resubmitted if it was a --nodes run)")
     parser.add_argument("--wait", action="store_true", help="with --nodes: block until the job ends")
+    parser.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
+                        help="one run per seed (run.seed=S) in <run dir>/seed<S>, then a mean ± std report of them "
+                             "in <run dir>/report.md; rerunning the command resumes them")
     parser.add_argument("preset", metavar="PRESET_OR_YAML", nargs="?", help="a preset name or a .yaml config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. scan.epochs=20")
     args = parser.parse_args(argv)
     if args.resume is None and args.preset is None:
         parser.error("give a preset (or a YAML file), or --resume RUN_DIR")
+    if args.seeds is not None and args.resume is not None:
+        parser.error("--seeds makes its own run folders; to resume them, rerun the same --seeds command")
     if args.resume is not None and args.preset is not None:
         # `--resume RUN_DIR key=value`: argparse puts the first override in `preset`.
         args.overrides = [args.preset, *args.overrides]
         args.preset = None
     return args
+
+
+def _seed_list(text: str) -> list[int]:
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--seeds wants comma-separated integers such as 0,1,2; got {text!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"--seeds wants distinct integers such as 0,1,2; got {text!r}")
+    return seeds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -99,6 +118,8 @@ def _job_command(argv: list[str]) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
+    if args.seeds is not None:
+        return _main_seeds(args)
     launch_info: dict = {}
     if args.resume is not None:
         run_dir = args.resume
@@ -129,6 +150,30 @@ def _main(args: argparse.Namespace) -> int:
                               "stages": [{"name": n, "action": a} for n, a in stages], "memory": memory})
         return 0
     return run_local(cfg, run_dir)
+
+
+def _main_seeds(args: argparse.Namespace) -> int:
+    """One run folder per seed under the run folder; the runs go one after another here (a failed seed stops the
+    command: its folder resumes on the next call), or are submitted as one job each."""
+    from . import report
+
+    base = args.run_dir or Path("runs") / load_config(args.preset, args.overrides).name
+    folders = []
+    for seed in args.seeds:
+        sub = argparse.Namespace(**{**vars(args), "seeds": None, "run_dir": base / f"seed{seed}",
+                                    "overrides": [*args.overrides, f"run.seed={seed}"]})
+        print(f"seed {seed}: run folder {sub.run_dir}", flush=True)
+        status = _main(sub)
+        if status != 0:
+            return status
+        folders.append(sub.run_dir)
+    if args.dry_run or args.nodes is not None:
+        if args.nodes is not None:
+            print(f"when the jobs have finished: python -m scan_dist.report {' '.join(map(str, folders))}")
+        return 0
+    if not comm.is_main():
+        return 0
+    return report.main([*map(str, folders), "--out", str(base / "report.md"), "--plots", str(base / "report_plots")])
 
 
 def _read_launch_info(run_dir: Path) -> dict:

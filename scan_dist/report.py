@@ -64,7 +64,8 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
 
     Keys: ``path``, ``label`` (folder name), ``preset``, ``num_clusters`` (K asked for, from config.yaml),
     ``seed``, ``acc``/``nmi``/``ari`` (final model), ``acc_many_to_one``, ``clusters_used`` (distinct predicted
-    clusters), ``num_classes``, ``scan_acc`` (the SCAN head selected by lowest loss, before self-labelling),
+    clusters), ``num_classes``, ``scan_acc`` (the head the SCAN stage selected without labels, before
+    self-labelling),
     ``selflabel`` (whether that stage ran), ``kmeans_acc`` (the k-means-on-pixels baseline) and ``seconds``
     (stage -> seconds, with ``total``). Raises :class:`ReportError` for a folder that is not a finished run.
     """
@@ -221,6 +222,23 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
               "self-labelling, the best runs in the authors' README model zoo, shown only where K equals the "
               "paper's K; Δ = ours − paper in points."]
 
+    lines += ["", "## Per stage, mean ± std over seeds", ""]
+    rows = []
+    for (preset, k), members in groups.items():
+        gains = [r["acc"] - r["scan_acc"] for r in members
+                 if r["selflabel"] and r["acc"] is not None and r["scan_acc"] is not None]
+        gain_mean, gain_std, _ = mean_std(gains)
+        rows.append([preset, _DASH if k is None else k, len(members), _seeds(members),
+                     _pm([r["kmeans_acc"] for r in members]), _pm([r["scan_acc"] for r in members]),
+                     _pm([r["acc"] for r in members]),
+                     _DASH if gain_mean is None else (f"{100 * gain_mean:+.1f}" if gain_std is None
+                                                      else f"{100 * gain_mean:+.1f} ± {100 * gain_std:.1f}"),
+                     _pct_or_dash(min((r["acc"] for r in members if r["acc"] is not None), default=None))])
+    lines += _md_table(["Preset", "K", "n", "Seeds", "k-means ACC", "SCAN stage ACC", "Final ACC",
+                        "Self-label Δ", "Worst final ACC"], rows, "lrrlrrrrr")
+    lines += ["", "ACC in percent; mean ± sample std over the group's runs. SCAN stage: the clustering the SCAN stage "
+              "hands on (the selected head); Self-label Δ: Final − SCAN stage, in points."]
+
     lines += ["", "## Per stage", ""]
     stage_names = _stage_order(runs)
     rows = []
@@ -238,7 +256,8 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
     lines += _md_table(["Run", "Preset", "K", "Seed", "k-means ACC", "SCAN head ACC", "Final ACC", "Self-label Δ",
                         "Paper SCAN ACC", *(f"{s} (s)" for s in stage_names), "Total (s)"],
                        rows, "llrrrrrrr" + "r" * (len(stage_names) + 1))
-    lines += ["", "ACC in percent. SCAN head: the head picked by lowest SCAN loss, before self-labelling; Final: the "
+    lines += ["", "ACC in percent. SCAN head: the head the SCAN stage selected (scan.select), before self-labelling; "
+              "Final: the "
               "model the run ends with (after self-labelling when that stage ran; Self-label Δ = Final − SCAN head). "
               "k-means: k-means on PCA-reduced pixels. Stage times in seconds."]
 

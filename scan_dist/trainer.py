@@ -63,6 +63,14 @@ class Schedule:
             group["lr"] = base * factor
 
 
+def scaled_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
+    """`epochs`, raised so that the stage runs at least `min_steps` optimiser steps: a dataset of 2,000 images gets
+    4 steps per epoch at batch 512, too few for any schedule written in epochs (`<stage>.min_steps`)."""
+    if min_steps <= 0 or steps_per_epoch <= 0:
+        return epochs
+    return max(epochs, -(-min_steps // steps_per_epoch))
+
+
 # Steps between reads of the logged values (progress bar, history point, signal check): each read is one host sync
 # and one small all-reduce. Short epochs read more often, so a small run still draws a curve.
 READ_EVERY = 20

@@ -162,3 +162,40 @@ def test_readme_example_a_preset_pointed_at_a_photo_folder(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "data.format=auto: flat detected" in (run_dir / "log.txt").read_text()
     assert json.loads((run_dir / "metrics.json").read_text())["acc"] is None  # no labels in a flat folder
+
+
+TINY = ["data.max_images=512", "data.max_eval_images=256", "pretext.batch_size=128", "scan.batch_size=64",
+        "selflabel.batch_size=128", "mine.k=5", "mine.eval_k=3", "scan.num_heads=2", "run.progress=false"]
+
+
+@pytest.mark.slow
+def test_seeds_make_one_run_folder_each_and_a_mean_std_report(tmp_path, fashion_mnist):
+    base = tmp_path / "runs"
+    result = run_cli("--seeds", "3,4", "--run-dir", str(base), "smoke", *TINY)
+    assert result.returncode == 0, result.stdout + result.stderr
+    accs = []
+    for seed in (3, 4):
+        folder = base / f"seed{seed}"
+        assert f"seed: {seed}" in (folder / "config.yaml").read_text()
+        metrics = json.loads((folder / "metrics.json").read_text())
+        accs.append(metrics["acc"])
+        scan = metrics["stages"]["scan"]
+        assert scan["select"] == "consensus" and scan["best_head"] == scan["consensus_head"]
+        assert set(metrics["stages"]["evaluate"]["scan_heads"]["acc_by_rule"]) == {"loss", "consensus"}
+    report = (base / "report.md").read_text()
+    assert result.stdout.endswith(report)  # the report printed last is the one written
+    row = next(line for line in report.splitlines() if line.startswith("| smoke") and "3, 4" in line)
+    mean = 100 * sum(accs) / 2
+    assert f"{mean:.1f} ±" in row, (row, accs)
+    # the same command again resumes: every stage of both runs is skipped
+    again = run_cli("--seeds", "3,4", "--run-dir", str(base), "smoke", *TINY)
+    assert again.returncode == 0 and again.stdout.endswith(report)
+    assert again.stderr.count("skipped (done with the same config)") == 12, again.stderr
+
+
+def test_seeds_errors_are_one_line(tmp_path):
+    for bad in ("1,x", "1,1", ","):
+        result = run_cli("--seeds", bad, "smoke")
+        assert result.returncode == 2 and "--seeds" in result.stderr and "Traceback" not in result.stderr
+    result = run_cli("--seeds", "1,2", "--resume", str(tmp_path))
+    assert result.returncode == 2 and "rerun the same --seeds command" in result.stderr

@@ -172,3 +172,47 @@ def test_an_excluded_setting_reruns_nothing(override):
     from scan_dist.pipeline import stage_hashes
 
     assert stage_hashes(load_config("smoke", [override])) == stage_hashes(load_config("smoke"))
+
+
+def _scrambled_labels_copy(source: Path, target: Path, seed: int) -> Path:
+    """Fashion-MNIST with the same images and every label file permuted (IDX: an 8-byte header, then one byte a
+    label)."""
+    import gzip
+    import shutil
+
+    import numpy as np
+
+    target.mkdir()
+    for path in source.glob("*-idx*-ubyte.gz"):
+        if "labels" not in path.name:
+            shutil.copy(path, target / path.name)
+            continue
+        raw = gzip.decompress(path.read_bytes())
+        labels = np.frombuffer(raw[8:], dtype=np.uint8)
+        (target / path.name).write_bytes(gzip.compress(raw[:8] + np.random.default_rng(seed).permutation(labels).tobytes()))
+    return target
+
+
+def test_no_label_reaches_any_stage_before_evaluate(tmp_path, fashion_mnist):
+    """Every label permuted: each stage before evaluate writes the same bits (mine's diagnostic agreement aside);
+    only the scores differ. So no label steers training, mining, head selection or self-labelling."""
+    import numpy as np
+    import torch
+
+    tiny = ["data.max_images=512", "data.max_eval_images=256", "pretext.batch_size=128", "scan.batch_size=64",
+            "selflabel.batch_size=128", "mine.k=5", "mine.eval_k=3", "scan.num_heads=3", "data.format=idx"]
+    runs = {}
+    for name, root in (("real", fashion_mnist), ("scrambled", _scrambled_labels_copy(fashion_mnist, tmp_path / "d", 1))):
+        runs[name] = tmp_path / name
+        result = launch(runs[name], f"data.path={root}", f"data.cache_dir={tmp_path / 'cache'}", *tiny)
+        assert result.returncode == 0, result.stdout + result.stderr
+    real, scrambled = runs["real"], runs["scrambled"]
+    for artifact in ("mine/train_neighbors.npy", "mine/eval_neighbors.npy", "scan/eval_logits.npy"):
+        assert np.array_equal(np.load(real / artifact), np.load(scrambled / artifact)), artifact
+    for artifact in ("pretext/model.pt", "scan/model.pt", "selflabel/model.pt"):
+        a, b = (torch.load(r / artifact, map_location="cpu", weights_only=False) for r in (real, scrambled))
+        for key, value in a["model"].items():
+            assert torch.equal(value, b["model"][key]), (artifact, key)
+        assert a.get("best_head") == b.get("best_head")
+    scores = [json.loads((r / "metrics.json").read_text())["acc"] for r in (real, scrambled)]
+    assert scores[0] != scores[1] and scores[1] < 0.3  # the labels did reach the evaluation

@@ -192,3 +192,12 @@ def test_a_signal_checkpoints_at_the_next_read_and_the_resume_redoes_nothing(tmp
     finally:
         preemption.uninstall()
     assert ref_history  # the reference ran to the end undisturbed
+
+
+def test_min_steps_raises_epochs_only_when_an_epoch_is_short():
+    from scan_dist.trainer import scaled_epochs
+
+    assert scaled_epochs(8, 0, 4) == 8  # off
+    assert scaled_epochs(8, 900, 117) == 8  # 60k images at batch 512: 936 steps already
+    assert scaled_epochs(8, 900, 4) == 225  # 2,000 images: 4 steps an epoch -> 225 epochs = 900 steps
+    assert scaled_epochs(8, 901, 4) == 226  # rounds up: at least min_steps

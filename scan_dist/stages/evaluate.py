@@ -117,4 +117,6 @@ def _score_scan_heads(ctx, targets, keep: np.ndarray) -> dict:
                                   for i in range(0, len(logits), 4096)])[keep]
     heads = [M.cluster_metrics(targets, predictions[:, h]) for h in range(predictions.shape[1])]
     best = int(saved["best_head"])
-    return {"selected_head": best, "selected": heads[best], "acc_per_head": [h["acc"] for h in heads]}
+    rules = {rule: heads[int(saved[f"{rule}_head"])]["acc"] for rule in ("loss", "consensus") if f"{rule}_head" in saved}
+    return {"selected_head": best, "selected": heads[best], "acc_per_head": [h["acc"] for h in heads],
+            "acc_by_rule": rules}

@@ -8,7 +8,7 @@ from ..losses import nt_xent
 from ..models import build
 from ..models.pretrained import load_pretrained_backbone
 from ..data.loaders import ViewSpec
-from ..trainer import Schedule, run_epochs
+from ..trainer import Schedule, run_epochs, scaled_epochs
 from .common import make_optimizer
 
 ARTIFACT = "model.pt"
@@ -38,7 +38,10 @@ def _train(cfg, ctx, model, config_hash: str) -> list[dict]:
                          p.batch_size, "pretext")
     optimizer = make_optimizer(p.optimizer, [{"params": model.parameters(), "lr": p.lr}], p.weight_decay, p.momentum)
     per_epoch = source.sampler.steps
-    schedule = Schedule([p.lr], total_steps=p.epochs * per_epoch, warmup_steps=int(p.warmup_epochs * per_epoch),
+    epochs = scaled_epochs(p.epochs, p.min_steps, per_epoch)
+    # warm-up keeps its share of the schedule when min_steps raises the epochs
+    warmup = int(p.warmup_epochs / max(p.epochs, 1) * epochs * per_epoch)
+    schedule = Schedule([p.lr], total_steps=epochs * per_epoch, warmup_steps=warmup,
                         cosine=True, min_ratio=p.min_lr_ratio)
     model.train()
     engine = ctx.engine(model, optimizer)
@@ -53,4 +56,4 @@ def _train(cfg, ctx, model, config_hash: str) -> list[dict]:
         engine.step()
         return {"loss": loss.detach()}
 
-    return run_epochs(ctx, "pretext", config_hash, {"engine": engine}, source, p.epochs, step, engine, schedule)
+    return run_epochs(ctx, "pretext", config_hash, {"engine": engine}, source, epochs, step, engine, schedule)

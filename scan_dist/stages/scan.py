@@ -9,22 +9,24 @@ feature_cache.py; mode=head is that cache with no augmented view, in fp32), and 
 Each anchor and each sampled neighbour draws its own view uniformly from the augmented views 1..V (as the paper
 augments both). Every choice (order, partner, view) is a counter-based function of (seed, "scan", epoch, anchor).
 
-The head kept is the one with the lowest SCAN loss on the evaluation images (un-augmented) and their own mined
-neighbours -- the paper's label-free selection rule -- computed in chunks over a memory-mapped logits file.
+The head kept is chosen without labels on the evaluation images (un-augmented): `scan.select=loss` takes the one
+with the lowest SCAN loss over them and their own mined neighbours (the paper's rule), computed in chunks over a
+memory-mapped logits file; `scan.select=consensus` takes the head that agrees most with the other heads (see
+head_consensus.py). Both rules' choices are logged and kept in the metrics, whichever is used.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .. import kernels
+from .. import head_consensus, kernels
 from ..data import sampling
 from ..data.loaders import EpochRequests, Partners, ViewSpec, sample_partners
 from ..distributed import comm
 from ..io_utils import load_torch, save_torch
 from ..losses import scan_objective
 from ..models import build
-from ..trainer import IndexSource, Schedule, run_epochs
+from ..trainer import IndexSource, Schedule, run_epochs, scaled_epochs
 from .common import EVAL_LOGITS, epoch_diagnostics, image_logits, infer, make_optimizer, require_finite
 from .feature_cache import ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW, build_cache, draw_views
 
@@ -97,12 +99,18 @@ def run(cfg, ctx, config_hash: str) -> dict:
                    f"the SCAN training diverged: lower scan.lr={s.lr} and rerun")
     eval_neighbors = np.load(ctx.run_dir / "mine" / "eval_neighbors.npy", mmap_mode="r")
     losses = selection_losses(eval_logits, eval_neighbors, s.select_entropy_weight)
-    best = int(torch.argmin(losses))
-    ctx.log.info("scan: head selection losses %s -> head %d", [round(float(v), 4) for v in losses], best)
+    loss_head = int(torch.argmin(losses))
+    consensus_head, agreement = head_consensus.consensus_head(eval_logits, cfg.num_clusters)
+    best = consensus_head if s.select == "consensus" else loss_head
+    ctx.log.info("scan: head selection losses %s -> head %d; mean agreement with the other heads %s -> head %d; "
+                 "scan.select=%s keeps head %d", [round(float(v), 4) for v in losses], loss_head,
+                 [round(float(v), 3) for v in agreement], consensus_head, s.select, best)
     out = ctx.stage_dir("scan") / "model.pt"
     if ctx.is_main:
-        save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist()})
-    metrics = {"best_head": best, "selection_losses": [float(v) for v in losses]}
+        save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist(),
+                         "loss_head": loss_head, "consensus_head": consensus_head})
+    metrics = {"best_head": best, "select": s.select, "loss_head": loss_head, "consensus_head": consensus_head,
+               "selection_losses": [float(v) for v in losses], "head_agreement": [float(v) for v in agreement]}
     if history:
         metrics.update({f"final_{k}": v for k, v in history[-1].items()})
     return {"artifacts": {"model": str(out), "eval_logits": str(ctx.stage_dir("scan") / EVAL_LOGITS)},
@@ -142,11 +150,12 @@ def _train_full(cfg, ctx, model, neighbors_path, config_hash):
     specs = [ViewSpec(s.view, "scan", 0), ViewSpec(s.view, "scan", 1, rows="partner")]
     source = ctx.batches("train", specs, s.batch_size, "scan", partners=Partners(str(neighbors_path), "scan"))
     optimizer, lrs = _optimizer(cfg, model)
-    schedule = Schedule(lrs, total_steps=s.epochs * source.sampler.steps)
+    epochs = scaled_epochs(s.epochs, s.min_steps, source.sampler.steps)
+    schedule = Schedule(lrs, total_steps=epochs * source.sampler.steps)
     model.train()
     engine = ctx.engine(model, optimizer)
     step = _scan_step(lambda batch: engine(torch.cat(batch["views"])), engine, s.entropy_weight, s.loss_backend)
-    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, source, s.epochs, step, engine, schedule,
+    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, source, epochs, step, engine, schedule,
                       epoch_end=epoch_diagnostics(ctx, model, image_logits(ctx, model), neighbors_path))
 
 
@@ -170,13 +179,14 @@ def train_on_features(cfg, ctx, model, neighbors_path, config_hash, features_fn,
     s = cfg.scan
     sampler = EpochRequests(num_items, s.batch_size, cfg.run.seed, "scan", comm.rank(), comm.world_size())
     optimizer, lrs = _optimizer(cfg, model)
-    schedule = Schedule(lrs, total_steps=s.epochs * sampler.steps)
+    epochs = scaled_epochs(s.epochs, s.min_steps, sampler.steps)
+    schedule = Schedule(lrs, total_steps=epochs * sampler.steps)
     engine = ctx.engine(model.heads, optimizer)  # only the heads train: only they are wrapped
     neighbors = np.load(neighbors_path, mmap_mode="r")
     step = _scan_step(feature_logits(engine, features_fn, neighbors, cfg.run.seed, views), engine,
                       s.entropy_weight, s.loss_backend)
     zeros = lambda rows: torch.zeros(len(rows), dtype=torch.long)  # noqa: E731  (view 0: the plain image)
-    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, IndexSource(sampler), s.epochs, step, engine,
+    return run_epochs(ctx, "scan", config_hash, {"engine": engine}, IndexSource(sampler), epochs, step, engine,
                       schedule, epoch_end=epoch_diagnostics(
                           ctx, model.heads, lambda rows: model.heads(features_fn(zeros(rows), torch.from_numpy(rows))),
                           neighbors_path))

@@ -15,7 +15,7 @@ from ..data.loaders import EpochRequests, ViewSpec
 from ..distributed import comm
 from ..io_utils import save_torch
 from ..losses import confident_targets, self_label_loss
-from ..trainer import IndexSource, Schedule, run_epochs
+from ..trainer import IndexSource, Schedule, run_epochs, scaled_epochs
 from .common import epoch_diagnostics, image_logits, load_scan_model, make_optimizer
 from .feature_cache import ANCHOR_VIEW_DRAW, build_cache, draw_views
 
@@ -98,7 +98,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
         teacher_fn = teacher
     optimizer = make_optimizer(sl.optimizer, [{"params": trained.parameters(), "lr": sl.lr}], sl.weight_decay,
                                sl.momentum)
-    schedule = Schedule([sl.lr], total_steps=sl.epochs * source.sampler.steps)
+    epochs = scaled_epochs(sl.epochs, sl.min_steps, source.sampler.steps)
+    schedule = Schedule([sl.lr], total_steps=epochs * source.sampler.steps)
     engine = ctx.engine(trained, optimizer)
 
     ema = (teacher, model, sl.ema_decay) if teacher is not None else None
@@ -112,7 +113,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
             return model.heads(cache.get(torch.zeros(len(rows), dtype=torch.long), torch.from_numpy(rows)))
     else:
         logits_fn = image_logits(ctx, model)
-    history = run_epochs(ctx, "selflabel", config_hash, stateful, source, sl.epochs, step, engine, schedule,
+    history = run_epochs(ctx, "selflabel", config_hash, stateful, source, epochs, step, engine, schedule,
                          epoch_end=epoch_diagnostics(ctx, trained, logits_fn, ctx.run_dir / "mine" / "train_neighbors.npy"))
     final = teacher if teacher is not None else model
     out = ctx.stage_dir("selflabel") / "model.pt"

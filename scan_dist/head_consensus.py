@@ -1,0 +1,71 @@
+"""Label-free choice of a cluster head by agreement with the other heads (`scan.select=consensus`).
+
+Heads trained from different initialisations on the same data agree on the structure they all find and disagree
+on their mistakes; the head that agrees most with the others (the medoid under normalised mutual information) is
+the most typical clustering. Measured on the demo (30 heads): mean NMI to the other heads correlates 0.86 with a
+head's accuracy, and the medoid was the best head; README, "Every stage earns its place", has the per-seed table.
+
+Heads that left a cluster empty are degenerate (the entropy term failed) and are neither candidates nor voters,
+unless every head did. NMI is computed on hard assignments of at most `max_rows` evaluation images (evenly spaced
+rows, no randomness), so the cost is O(H^2 * max_rows) whatever N, plus one pass over the logits.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MAX_ROWS = 20000
+
+
+def hard_assignments(logits, max_rows: int = MAX_ROWS, chunk: int = 4096) -> np.ndarray:
+    """argmax cluster [H, n] of every head on at most max_rows evenly spaced rows of `logits` ([H, N, C], may be
+    a memory-mapped view); read a chunk of rows at a time."""
+    heads, num, _ = logits.shape
+    rows = np.linspace(0, num - 1, min(num, max_rows)).round().astype(np.int64)
+    rows = np.unique(rows)
+    parts = [np.asarray(logits[:, rows[i:i + chunk]]).argmax(axis=2) for i in range(0, len(rows), chunk)]
+    return np.concatenate(parts, axis=1).astype(np.int64)
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def nmi(a: np.ndarray, b: np.ndarray, classes: int) -> float:
+    """Normalised mutual information (arithmetic mean normalisation) of two labelings with values < classes."""
+    joint = np.bincount(a * classes + b, minlength=classes * classes).astype(np.float64)
+    h_a = _entropy(np.bincount(a, minlength=classes).astype(np.float64))
+    h_b = _entropy(np.bincount(b, minlength=classes).astype(np.float64))
+    mutual = h_a + h_b - _entropy(joint)
+    denom = 0.5 * (h_a + h_b)
+    return float(mutual / denom) if denom > 0 else 0.0
+
+
+def agreement(assignments: np.ndarray, classes: int) -> np.ndarray:
+    """[H, H] pairwise NMI between the heads' assignments (diagonal 1)."""
+    heads = len(assignments)
+    scores = np.eye(heads)
+    for i in range(heads):
+        for j in range(i + 1, heads):
+            scores[i, j] = scores[j, i] = nmi(assignments[i], assignments[j], classes)
+    return scores
+
+
+def consensus_scores(assignments: np.ndarray, classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(mean NMI of each head to the other usable heads, usable mask). Unusable (degenerate) heads score -1."""
+    heads = len(assignments)
+    used = np.array([len(np.unique(a)) for a in assignments])
+    usable = used == classes if (used == classes).any() else used == used.max()
+    scores = agreement(assignments, classes)
+    voters = np.flatnonzero(usable)
+    mean = np.full(heads, -1.0)
+    for h in voters:
+        others = voters[voters != h]
+        mean[h] = scores[h, others].mean() if len(others) else 1.0
+    return mean, usable
+
+
+def consensus_head(logits, classes: int, max_rows: int = MAX_ROWS) -> tuple[int, np.ndarray]:
+    """(index of the medoid head, every head's mean agreement) for logits [H, N, C]."""
+    mean, _ = consensus_scores(hard_assignments(logits, max_rows), classes)
+    return int(np.argmax(mean)), mean

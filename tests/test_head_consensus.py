@@ -1,0 +1,69 @@
+"""Label-free head selection by agreement (scan_dist/head_consensus.py)."""
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import normalized_mutual_info_score
+
+from scan_dist import head_consensus as hc
+
+
+def _noisy_head(truth, noise, classes, rng):
+    """Logits of a head that predicts a permutation of `truth`, with a share `noise` of rows moved at random."""
+    labels = truth.copy()
+    flip = rng.random(len(truth)) < noise
+    labels[flip] = rng.integers(0, classes, flip.sum())
+    labels = rng.permutation(classes)[labels]
+    logits = rng.normal(0, 0.1, (len(truth), classes))
+    logits[np.arange(len(truth)), labels] += 5
+    return logits
+
+
+def test_nmi_matches_sklearn():
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 7, 3000), rng.integers(0, 7, 3000)
+    b[:2000] = a[:2000]
+    assert hc.nmi(a, b, 7) == pytest.approx(normalized_mutual_info_score(a, b), abs=1e-9)
+    assert hc.nmi(a, a, 7) == pytest.approx(1.0)
+    assert hc.nmi(np.zeros(10, int), np.zeros(10, int), 3) == 0.0  # no information: 0, not a division by zero
+
+
+def test_the_most_typical_head_wins_whatever_its_loss_or_index():
+    rng = np.random.default_rng(1)
+    classes, truth = 6, rng.integers(0, 6, 4000)
+    noise = [0.6, 0.5, 0.1, 0.55, 0.45, 0.5]  # head 2 is the cleanest clustering; the others err independently
+    logits = np.stack([_noisy_head(truth, n, classes, rng) for n in noise])
+    best, scores = hc.consensus_head(logits, classes)
+    assert best == 2
+    assert np.argsort(-scores)[-1] == 0  # the noisiest agrees least
+
+
+def test_a_degenerate_head_neither_wins_nor_votes():
+    rng = np.random.default_rng(2)
+    classes, truth = 5, rng.integers(0, 5, 3000)
+    heads = [_noisy_head(truth, n, classes, rng) for n in (0.4, 0.3, 0.35)]
+    collapsed = heads[1].copy()
+    collapsed[:, 4] -= 100  # the cleanest head but cluster 4 empty: the entropy term failed
+    logits = np.stack([*heads[:1], collapsed, heads[2]])
+    best, scores = hc.consensus_head(logits, classes)
+    assert best != 1 and scores[1] == -1
+    _, usable = hc.consensus_scores(hc.hard_assignments(logits), classes)
+    assert usable.tolist() == [True, False, True]
+
+
+def test_when_every_head_is_degenerate_the_fullest_still_compete():
+    logits = np.zeros((2, 6, 3))
+    logits[0, :3, 0] = logits[0, 3:, 1] = 1  # two clusters used
+    logits[1, :, 0] = 1  # one cluster used
+    best, scores = hc.consensus_head(logits, 3)
+    assert best == 0 and scores[1] == -1
+
+
+def test_hard_assignments_reads_evenly_spaced_rows_of_a_memory_map(tmp_path):
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(3, 1000, 4)).astype(np.float32)
+    np.save(tmp_path / "l.npy", np.ascontiguousarray(logits.transpose(1, 0, 2)))
+    mapped = np.swapaxes(np.load(tmp_path / "l.npy", mmap_mode="r"), 0, 1)  # [H, N, C] view, as the stage stores it
+    sub = hc.hard_assignments(mapped, max_rows=100, chunk=7)
+    rows = np.unique(np.linspace(0, 999, 100).round().astype(int))
+    assert sub.shape == (3, len(rows)) and np.array_equal(sub, logits[:, rows].argmax(2))
+    assert np.array_equal(hc.hard_assignments(torch.from_numpy(logits).numpy()), logits.argmax(2))
