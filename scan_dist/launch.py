@@ -18,7 +18,7 @@ import torch
 
 from .config import Config, available_presets, load_config, to_yaml
 from .context import RunContext
-from .distributed import comm
+from .distributed import env as dist_env
 from .errors import ConfigError, ScanDistError
 from .io_utils import write_json
 from .logs import setup_logging
@@ -171,7 +171,7 @@ def _main_seeds(args: argparse.Namespace) -> int:
         if args.nodes is not None:
             print(f"when the jobs have finished: python -m scan_dist.report {' '.join(map(str, folders))}")
         return 0
-    if not comm.is_main():
+    if not dist_env.detect("cpu").is_main:  # under torchrun every rank ran the seeds; one writes the report
         return 0
     return report.main([*map(str, folders), "--out", str(base / "report.md"), "--plots", str(base / "report_plots")])
 

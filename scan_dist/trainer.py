@@ -71,6 +71,9 @@ def scaled_epochs(epochs: int, min_steps: int, steps_per_epoch: int) -> int:
     return max(epochs, -(-min_steps // steps_per_epoch))
 
 
+MAX_DIAGNOSED_EPOCHS = 25
+
+
 # Steps between reads of the logged values (progress bar, history point, signal check): each read is one host sync
 # and one small all-reduce. Short epochs read more often, so a small run still draws a curve.
 READ_EVERY = 20
@@ -135,7 +138,8 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
 
     `optimizer` is what the schedule sets learning rates on: a torch optimizer or an Engine. An Engine with sharded
     (DeepSpeed ZeRO) state also checkpoints itself under the stage folder. `epoch_end()` (rank 0 only, e.g.
-    diagnostics.head_diagnostics) returns values added to each epoch's last history point.
+    diagnostics.head_diagnostics) returns values added to an epoch's last history point, on at most
+    MAX_DIAGNOSED_EPOCHS evenly spaced epochs and always the last.
     """
     ckpt_path = Path(ctx.stage_dir(stage)) / "checkpoint.pt"
     shard_dir = Path(ctx.stage_dir(stage)) / "checkpoint_shards"
@@ -230,6 +234,9 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
         window["spent"] += done - now  # the cost of watching: diagnostics and the history line
         window.update(time=done, wait=source.wait_s, step=gstep, totals=dict(running.totals))
         return point
+    # Diagnostics cost a fixed amount per call: a small dataset raised to hundreds of epochs by min_steps runs them
+    # on at most MAX_DIAGNOSED_EPOCHS evenly spaced epochs (always the last), not on every one.
+    diagnose_every = -(-epochs // MAX_DIAGNOSED_EPOCHS)
     try:
         with preemption.in_training_loop():  # a signal now waits for the next read (checkpoint there)
             while epoch < epochs:
@@ -257,7 +264,8 @@ def run_epochs(ctx, stage: str, config_hash: str, stateful: dict, source, epochs
                         checkpoint()
                 bar.close()
                 means, stop, _ = read()
-                log_point(means, epoch_end if comm.is_main() else None)
+                diagnose = (epoch + 1) % diagnose_every == 0 or epoch + 1 == epochs
+                log_point(means, epoch_end if comm.is_main() and diagnose else None)
                 history.append(means)
                 wall, wait = time.perf_counter() - epoch_start, source.wait_s - epoch_wait
                 ctx.log.info("%s epoch %d/%d: %s; %.0f img/s; waited %.1f s for data (%.1f%% of %.1f s)", stage,

@@ -174,35 +174,35 @@ def test_an_excluded_setting_reruns_nothing(override):
     assert stage_hashes(load_config("smoke", [override])) == stage_hashes(load_config("smoke"))
 
 
-def _scrambled_labels_copy(source: Path, target: Path, seed: int) -> Path:
-    """Fashion-MNIST with the same images and every label file permuted (IDX: an 8-byte header, then one byte a
-    label)."""
+def _permute_labels_in_place(root: Path, seed: int) -> None:
+    """Permute every IDX label file under `root` (an 8-byte header, then one byte a label); images stay as they are."""
     import gzip
-    import shutil
 
     import numpy as np
 
-    target.mkdir()
-    for path in source.glob("*-idx*-ubyte.gz"):
-        if "labels" not in path.name:
-            shutil.copy(path, target / path.name)
-            continue
+    for path in root.glob("*labels-idx1-ubyte.gz"):
         raw = gzip.decompress(path.read_bytes())
         labels = np.frombuffer(raw[8:], dtype=np.uint8)
-        (target / path.name).write_bytes(gzip.compress(raw[:8] + np.random.default_rng(seed).permutation(labels).tobytes()))
-    return target
+        path.write_bytes(gzip.compress(raw[:8] + np.random.default_rng(seed).permutation(labels).tobytes()))
 
 
 def test_no_label_reaches_any_stage_before_evaluate(tmp_path, fashion_mnist):
     """Every label permuted: each stage before evaluate writes the same bits (mine's diagnostic agreement aside);
     only the scores differ. So no label steers training, mining, head selection or self-labelling."""
+    import shutil
+
     import numpy as np
     import torch
 
     tiny = ["data.max_images=512", "data.max_eval_images=256", "pretext.batch_size=128", "scan.batch_size=64",
             "selflabel.batch_size=128", "mine.k=5", "mine.eval_k=3", "scan.num_heads=3", "data.format=idx"]
+    # One data folder for both runs: data.path is part of every stage's hash, and the hash seeds model init.
+    root = tmp_path / "data"
+    shutil.copytree(fashion_mnist, root)
     runs = {}
-    for name, root in (("real", fashion_mnist), ("scrambled", _scrambled_labels_copy(fashion_mnist, tmp_path / "d", 1))):
+    for name in ("real", "scrambled"):
+        if name == "scrambled":
+            _permute_labels_in_place(root, seed=1)
         runs[name] = tmp_path / name
         result = launch(runs[name], f"data.path={root}", f"data.cache_dir={tmp_path / 'cache'}", *tiny)
         assert result.returncode == 0, result.stdout + result.stderr

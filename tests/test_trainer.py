@@ -1,5 +1,6 @@
 """The shared epoch loop: schedules, seeded order, and bit-exact resume from a mid-epoch checkpoint (with no RNG
 state in the checkpoint: the step's randomness is counter-based)."""
+import json
 import logging
 from types import SimpleNamespace
 
@@ -201,3 +202,23 @@ def test_min_steps_raises_epochs_only_when_an_epoch_is_short():
     assert scaled_epochs(8, 900, 117) == 8  # 60k images at batch 512: 936 steps already
     assert scaled_epochs(8, 900, 4) == 225  # 2,000 images: 4 steps an epoch -> 225 epochs = 900 steps
     assert scaled_epochs(8, 901, 4) == 226  # rounds up: at least min_steps
+
+
+@pytest.mark.parametrize("epochs, expected", [(5, [1, 2, 3, 4, 5]), (60, list(range(3, 61, 3))),
+                                              (26, list(range(2, 27, 2)))])
+def test_diagnostics_run_on_at_most_25_evenly_spaced_epochs_and_the_last(tmp_path, epochs, expected):
+    """min_steps can give a small dataset hundreds of one-step epochs; the per-epoch diagnostics (an inference pass
+    over 1,024 images and their neighbours) must not then cost more than the training."""
+    seen = []
+
+    def epoch_end():
+        seen.append(len(seen))
+        return {"diagnosed": 1.0}
+
+    ctx = FakeContext(tmp_path, every=1000)
+    ctx.cfg.run.checkpoint_every_min = 0
+    run_epochs(ctx, "stage", "hash", {}, IndexSource(EpochRequests(8, 4, 0, "stage", 0, 1)), epochs,
+               lambda batch: {"loss": 0.0}, epoch_end=epoch_end)
+    points = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    diagnosed = [p["epoch"] + 1 for p in points if "diagnosed" in p]
+    assert len(seen) == len(expected) and diagnosed == expected
