@@ -49,7 +49,11 @@ class SharedRows:
         if comm.is_main():
             os.replace(self.tmp, self.path)
         comm.barrier()
-        return np.load(self.path, mmap_mode="r")
+        table = np.load(self.path, mmap_mode="r")
+        # A caller may move the file's folder as soon as close() returns (the feature cache renames its .tmp folder
+        # into place); every rank holds its map, which survives a rename, before any rank goes on.
+        comm.barrier()
+        return table
 
     def abort(self) -> None:
         if not self._handle.closed:
