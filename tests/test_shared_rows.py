@@ -36,7 +36,7 @@ def test_two_ranks_fill_one_array_and_a_slow_rank_survives_the_rename(tmp_path):
     """close() returns only once every rank holds its map: CI once saw rank 1 fail to open the file that rank 0 had
     already moved (test_feature_cache.py::test_sharded_build_equals_one_process, FileNotFoundError)."""
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    expected = np.repeat([[1.0], [2.0]], 3, axis=0) * np.ones((6, 2), np.float32)
+    expected = np.array([[1, 1]] * 3 + [[2, 2]] * 3, np.float32)  # rank 0's rows, then rank 1's
     assert np.array_equal(np.load(tmp_path / "build" / "rows.npy"), expected)
     for rank in (0, 1):
         assert np.array_equal(np.load(tmp_path / f"seen{rank}.npy"), expected)
