@@ -106,8 +106,10 @@ class ScanConfig:
     entropy_weight: float = 5.0
     view: str = "simclr"  # augmentation of anchor and neighbour: simclr | strong | weak | eval
     loss_backend: str = "auto"  # SCAN loss implementation: auto (Triton on CUDA, else torch) | triton | torch
-    select: str = "loss"  # head kept, without labels: loss (lowest SCAN loss on the evaluation images: the paper) |
-    #                        consensus (agrees most with the other heads, see head_consensus.py)
+    select: str = "loss"  # what is kept, without labels: loss (the head with the lowest SCAN loss on the evaluation
+    #                        images: the paper) | consensus (the head that agrees most with the others) | ensemble
+    #                        (the ensemble_size most agreeing heads, aligned and averaged; see head_consensus.py)
+    ensemble_size: int = 10  # heads averaged by select=ensemble (at most num_heads; degenerate heads never join)
     select_entropy_weight: float = 1.0  # weight of the entropy in the head-selection loss (paper: 1)
     cached_views: int = 4  # mode=cached: augmented views stored per image (anchors and neighbours draw one of
     #                         them per step); 0 trains on the un-augmented features only (like mode=head)
@@ -218,7 +220,7 @@ _CHOICES = {
     "scan.optimizer": ("sgd", "adam"),
     "scan.loss_backend": ("auto", "triton", "torch"),
     "scan.view": ("simclr", "strong", "weak", "eval"),
-    "scan.select": ("consensus", "loss"),
+    "scan.select": ("consensus", "loss", "ensemble"),
     "selflabel.optimizer": ("sgd", "adam"),
     "selflabel.mode": ("full", "cached"),
     "selflabel.view": ("strong", "simclr", "weak"),

@@ -8,10 +8,17 @@ head's accuracy, and the medoid was the best head; README, "Every stage earns it
 Heads that left a cluster empty are degenerate (the entropy term failed) and are neither candidates nor voters,
 unless every head did. NMI is computed on hard assignments of at most `max_rows` evaluation images (evenly spaced
 rows, no randomness), so the cost is O(H^2 * max_rows) whatever N, plus one pass over the logits.
+
+`scan.select=ensemble` goes one step further: the most agreeing heads, each relabelled onto the medoid's clusters
+by Hungarian matching, are averaged (mean probability). Where the heads' errors are independent the average beats
+every member; on the demo they are only partly so: over five head populations the top-10 ensemble scored between
+2.1 points above and 0.75 below the medoid, +0.4 on average (README, "Every stage earns its place"), so the demo
+keeps the medoid.
 """
 from __future__ import annotations
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 MAX_ROWS = 20000
 
@@ -69,3 +76,38 @@ def consensus_head(logits, classes: int, max_rows: int = MAX_ROWS) -> tuple[int,
     """(index of the medoid head, every head's mean agreement) for logits [H, N, C]."""
     mean, _ = consensus_scores(hard_assignments(logits, max_rows), classes)
     return int(np.argmax(mean)), mean
+
+
+def alignment(reference: np.ndarray, other: np.ndarray, classes: int) -> np.ndarray:
+    """perm [C] mapping `other`'s cluster c to the `reference` cluster it overlaps most (Hungarian matching of the
+    two hard assignments' contingency table): a one-to-one relabelling, so every cluster keeps its own images."""
+    joint = np.bincount(other * classes + reference, minlength=classes * classes).reshape(classes, classes)
+    rows, cols = linear_sum_assignment(-joint)
+    perm = np.empty(classes, dtype=np.int64)
+    perm[rows] = cols
+    return perm
+
+
+def ensemble(logits, classes: int, size: int, max_rows: int = MAX_ROWS) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """(members, perms [m, C], every head's mean agreement) of the `size` usable heads that agree most with the
+    others (the medoid first), each relabelled onto the medoid's clusters (perms[i][c] = the medoid cluster of
+    member i's cluster c). `ensemble_log_probs` averages them."""
+    assignments = hard_assignments(logits, max_rows)
+    mean, usable = consensus_scores(assignments, classes)
+    members = [int(h) for h in np.argsort(-mean, kind="stable") if usable[h]][:max(1, size)]
+    perms = np.stack([alignment(assignments[members[0]], assignments[h], classes) for h in members])
+    return members, perms, mean
+
+
+def ensemble_log_probs(logits: np.ndarray, members: list[int], perms: np.ndarray) -> np.ndarray:
+    """log of the members' mean aligned probability, [n, C], from logits [H, n, C] (an ensemble's 'logits':
+    their softmax is the mean probability)."""
+    total = None
+    for head, perm in zip(members, perms):
+        z = np.asarray(logits[head], dtype=np.float64)
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        aligned = np.empty_like(p)
+        aligned[:, perm] = p
+        total = aligned if total is None else total + aligned
+    return np.log(np.maximum(total / len(members), 1e-30)).astype(np.float32)

@@ -23,6 +23,7 @@ from . import run_report
 from .config import Config, section_hash
 from .context import RunContext
 from .curves import write_curves_png
+from .data import sampling
 from .distributed import comm
 from .io_utils import write_json
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
@@ -92,6 +93,13 @@ def stage_hashes(cfg: Config) -> dict[str, str]:
     return hashes
 
 
+def init_seed(cfg: Config, stage: str) -> int:
+    """The seed of a stage's model initialisation: a function of (run.seed, stage) only, so changing a setting
+    changes what the setting changes and not every initial weight as well (a one-setting ablation compares like
+    with like; seeding by the stage hash re-rolled every head when, say, scan.select changed)."""
+    return sampling.stream_key(cfg.run.seed, f"init/{stage}") % (2**63)
+
+
 def active_stages(cfg: Config) -> list[str]:
     return [name for name in STAGES if name != "selflabel" or cfg.selflabel.enabled]
 
@@ -127,9 +135,9 @@ def run_pipeline(ctx: RunContext) -> dict:
             if ctx.is_main:
                 (run_dir / name / "DONE").unlink(missing_ok=True)  # a re-run stage is not done until it finishes
             ctx.log.info("stage %s: running", name)
-            # Model initialisation draws from torch's generator, seeded per stage (the same on every rank); the
-            # data's randomness never touches it (counter-based streams, data/sampling.py).
-            torch.manual_seed(int(hashes[name], 16) % (2**63))
+            # Model initialisation draws from torch's generator, seeded the same on every rank; the data's
+            # randomness never touches it (counter-based streams, data/sampling.py).
+            torch.manual_seed(init_seed(cfg, name))
             start = time.perf_counter()
             result = STAGES[name](cfg, ctx, hashes[name])
             if name in ctx.stage_stats:  # data wait, skipped images

@@ -64,8 +64,8 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
 
     Keys: ``path``, ``label`` (folder name), ``preset``, ``num_clusters`` (K asked for, from config.yaml),
     ``seed``, ``acc``/``nmi``/``ari`` (final model), ``acc_many_to_one``, ``clusters_used`` (distinct predicted
-    clusters), ``num_classes``, ``scan_acc`` (the head the SCAN stage selected without labels, before
-    self-labelling),
+    clusters), ``num_classes``, ``scan_acc`` (what the SCAN stage handed on without labels: a head or an ensemble,
+    before self-labelling),
     ``selflabel`` (whether that stage ran), ``kmeans_acc`` (the k-means-on-pixels baseline) and ``seconds``
     (stage -> seconds, with ``total``). Raises :class:`ReportError` for a folder that is not a finished run.
     """
@@ -237,7 +237,7 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
     lines += _md_table(["Preset", "K", "n", "Seeds", "k-means ACC", "SCAN stage ACC", "Final ACC",
                         "Self-label Δ", "Worst final ACC"], rows, "lrrlrrrrr")
     lines += ["", "ACC in percent; mean ± sample std over the group's runs. SCAN stage: the clustering the SCAN stage "
-              "hands on (the selected head); Self-label Δ: Final − SCAN stage, in points."]
+              "hands on (scan.select: a head or an ensemble of heads); Self-label Δ: Final − SCAN stage, in points."]
 
     lines += ["", "## Per stage", ""]
     stage_names = _stage_order(runs)
@@ -256,8 +256,8 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
     lines += _md_table(["Run", "Preset", "K", "Seed", "k-means ACC", "SCAN head ACC", "Final ACC", "Self-label Δ",
                         "Paper SCAN ACC", *(f"{s} (s)" for s in stage_names), "Total (s)"],
                        rows, "llrrrrrrr" + "r" * (len(stage_names) + 1))
-    lines += ["", "ACC in percent. SCAN head: the head the SCAN stage selected (scan.select), before self-labelling; "
-              "Final: the "
+    lines += ["", "ACC in percent. SCAN head: what the SCAN stage handed on (scan.select: a head or an ensemble), "
+              "before self-labelling; Final: the "
               "model the run ends with (after self-labelling when that stage ran; Self-label Δ = Final − SCAN head). "
               "k-means: k-means on PCA-reduced pixels. Stage times in seconds."]
 

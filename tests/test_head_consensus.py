@@ -67,3 +67,33 @@ def test_hard_assignments_reads_evenly_spaced_rows_of_a_memory_map(tmp_path):
     rows = np.unique(np.linspace(0, 999, 100).round().astype(int))
     assert sub.shape == (3, len(rows)) and np.array_equal(sub, logits[:, rows].argmax(2))
     assert np.array_equal(hc.hard_assignments(torch.from_numpy(logits).numpy()), logits.argmax(2))
+
+
+def test_alignment_relabels_one_to_one():
+    rng = np.random.default_rng(4)
+    reference = rng.integers(0, 5, 2000)
+    perm = np.array([3, 0, 4, 1, 2])  # other's cluster c is reference's cluster perm[c]
+    other = np.argsort(perm)[reference]
+    other[:100] = rng.integers(0, 5, 100)  # some disagreement does not change the matching
+    assert hc.alignment(reference, other, 5).tolist() == perm.tolist()
+
+
+def test_ensemble_averages_aligned_heads_and_beats_its_members():
+    rng = np.random.default_rng(5)
+    classes, truth = 6, rng.integers(0, 6, 6000)
+    noise = [0.45, 0.5, 0.4, 0.5, 0.45]  # independent errors: the vote corrects what any one head gets wrong
+    logits = np.stack([_noisy_head(truth, n, classes, rng) for n in noise])
+    collapsed = logits[0].copy()
+    collapsed[:, 2] -= 100
+    logits = np.concatenate([logits, collapsed[None]])
+    members, perms, _ = hc.ensemble(logits, classes, size=10)
+    assert 5 not in members and len(members) == 5  # the degenerate head never joins, whatever the size asked
+    assert members[0] == int(np.argmax(hc.consensus_scores(hc.hard_assignments(logits), classes)[0]))
+    combined = hc.ensemble_log_probs(logits, members, perms)
+    assert np.allclose(np.exp(combined).sum(axis=1), 1, atol=1e-5)
+
+    def acc(labels):
+        return max(np.mean(hc.alignment(truth, labels, classes)[labels] == truth), 0)
+
+    assert acc(combined.argmax(1)) > max(acc(logits[h].argmax(1)) for h in range(5)) + 0.1
+    assert hc.ensemble(logits, classes, size=2)[0] == members[:2]

@@ -47,3 +47,21 @@ def test_models_compose():
     simclr = SimCLRModel(build_backbone("cnn_small", 1, width=8), 16).eval()
     z = simclr(torch.randn(3, 1, 28, 28))
     assert z.shape == (3, 16) and torch.allclose(z.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_keep_heads_aligns_and_averages_into_one_output():
+    torch.manual_seed(1)
+    heads = ClusterHeads(in_dim=6, num_clusters=4, num_heads=3, hidden=5)
+    x = torch.randn(9, 6)
+    perms = [[0, 1, 2, 3], [2, 0, 3, 1]]  # head 2's cluster c becomes output cluster perms[1][c]
+    ensemble = heads.keep_heads([0, 2], perms)
+    out = ensemble(x)
+    assert out.shape == (1, 9, 4) and ensemble.num_heads == 2
+    probs = heads(x).softmax(-1)
+    aligned = torch.empty_like(probs[2])
+    aligned[:, torch.tensor(perms[1])] = probs[2]
+    assert torch.allclose(out[0].exp(), (probs[0] + aligned) / 2, atol=1e-5)
+    assert torch.allclose(out[0].softmax(-1), out[0].exp(), atol=1e-5)  # log-probabilities: softmax is identity
+    copy = ClusterHeads(6, 4, 2, hidden=5, average=True)
+    copy.load_state_dict(ensemble.state_dict())  # a saved ensemble loads into a fresh one of the same shape
+    assert torch.allclose(copy(x), out)

@@ -130,6 +130,43 @@ def test_smoke_head_mode(tmp_path, fashion_mnist, overrides):
     assert metrics["acc"] > 0.2 and metrics["stages"]["scan"]["best_head"] in range(3)
 
 
+def test_the_ensemble_handed_on_is_the_one_scored(tmp_path, fashion_mnist):
+    """scan.select=ensemble: the model the later stages load (members' last layers reordered, outputs averaged)
+    predicts exactly what the ensemble of the stored evaluation logits predicts, and is what gets scored."""
+    import numpy as np
+    import torch
+
+    from scan_dist import head_consensus
+
+    run_dir = tmp_path / "run"
+    result = launch(run_dir, "scan.select=ensemble", "scan.num_heads=4", "scan.ensemble_size=3",
+                    "selflabel.enabled=false")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    scan, heads = metrics["stages"]["scan"], metrics["stages"]["evaluate"]["scan_heads"]
+    assert len(scan["ensemble"]) == 3 and scan["ensemble"][0] == scan["consensus_head"]
+    assert set(heads["acc_by_rule"]) == {"loss", "consensus", "ensemble"}
+    saved = torch.load(run_dir / "scan" / "model.pt", weights_only=False)
+    stored = np.load(run_dir / "scan" / "eval_logits.npy").transpose(1, 0, 2)
+    expected = head_consensus.ensemble_log_probs(stored, saved["ensemble"], np.asarray(saved["ensemble_perms"]))
+    final = np.load(run_dir / "evaluate" / "final_logits.npy")[:, 0]
+    assert np.allclose(final, expected, atol=1e-4)
+    assert heads["selected"]["acc"] == heads["acc_by_rule"]["ensemble"]
+    assert metrics["acc"] == pytest.approx(heads["selected"]["acc"], abs=1e-3)  # a near-tie may flip one image
+
+
+def test_model_init_depends_on_the_seed_and_stage_only():
+    from scan_dist.config import load_config
+    from scan_dist.pipeline import STAGES, init_seed, stage_hashes
+
+    base = load_config("smoke", [])
+    other = load_config("smoke", ["scan.select=loss", "scan.entropy_weight=3", "data.path=/elsewhere"])
+    assert stage_hashes(base)["scan"] != stage_hashes(other)["scan"]  # the stage reruns...
+    assert [init_seed(base, s) for s in STAGES] == [init_seed(other, s) for s in STAGES]  # ...from the same weights
+    reseeded = load_config("smoke", ["run.seed=1"])
+    assert len({init_seed(c, s) for c in (base, reseeded) for s in STAGES}) == 2 * len(STAGES)
+
+
 def test_loader_settings_do_not_change_stage_hashes():
     """data.workers / prefetch / cache_dir change how fast batches arrive, not what they hold: no stage reruns."""
     from scan_dist.config import load_config

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
@@ -22,12 +23,14 @@ class ProjectionHead(nn.Module):
 class ClusterHeads(nn.Module):
     """H independent heads (linear, or a one-hidden-layer MLP) -> logits [H, B, C].
 
-    The heads' weights are stacked so all heads run as one batched matmul instead of H small ones.
+    The heads' weights are stacked so all heads run as one batched matmul instead of H small ones. With
+    `average=True` the heads are one ensemble: the output is [1, B, C], the log of their mean probability (its
+    softmax is that mean), so every stage treats an ensemble as one head.
     """
 
-    def __init__(self, in_dim: int, num_clusters: int, num_heads: int, hidden: int = 0):
+    def __init__(self, in_dim: int, num_clusters: int, num_heads: int, hidden: int = 0, average: bool = False):
         super().__init__()
-        self.num_heads, self.num_clusters, self.hidden = num_heads, num_clusters, hidden
+        self.num_heads, self.num_clusters, self.hidden, self.average = num_heads, num_clusters, hidden, average
         dims = [in_dim, hidden, num_clusters] if hidden > 0 else [in_dim, num_clusters]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
@@ -42,15 +45,29 @@ class ClusterHeads(nn.Module):
             x = torch.baddbmm(b, x, w)
             if layer < len(self.weights) - 1:
                 x = F.relu(x)
+        if self.average:
+            return torch.logsumexp(F.log_softmax(x.float(), dim=-1), dim=0, keepdim=True) - math.log(self.num_heads)
         return x
 
     def keep_head(self, head: int) -> "ClusterHeads":
         """A one-head copy holding head `head` (self-labelling trains only the selected head)."""
-        single = ClusterHeads(self.weights[0].shape[1], self.num_clusters, 1, self.hidden)
+        return self.keep_heads([head])
+
+    def keep_heads(self, heads: list[int], perms=None) -> "ClusterHeads":
+        """A copy holding `heads`, averaged into one output when there are several (an ensemble). perms[i][c], when
+        given, is the output cluster of head heads[i]'s cluster c: the last layer's columns are reordered so all
+        members number the clusters alike."""
+        kept = ClusterHeads(self.weights[0].shape[1], self.num_clusters, len(heads), self.hidden,
+                            average=len(heads) > 1)
+        index = torch.as_tensor(list(heads), dtype=torch.long)
         with torch.no_grad():
-            for dst, src in zip(list(single.weights) + list(single.biases), list(self.weights) + list(self.biases)):
-                dst.copy_(src[head : head + 1])
-        return single
+            for dst, src in zip(list(kept.weights) + list(kept.biases), list(self.weights) + list(self.biases)):
+                dst.copy_(src[index])
+            if perms is not None:
+                order = torch.as_tensor(np.argsort(np.asarray(perms), axis=1))  # new column j <- old column order[j]
+                for param in (kept.weights[-1], kept.biases[-1]):
+                    param.copy_(torch.gather(param, 2, order[:, None, :].expand(-1, param.shape[1], -1)))
+        return kept
 
 
 class ClusterModel(nn.Module):

@@ -76,11 +76,15 @@ EVAL_LOGITS = "eval_logits.npy"  # [N_eval, H, C] float32: every head on the un-
 
 
 def load_scan_model(cfg, ctx):
-    """The SCAN model reduced to its selected head."""
+    """The SCAN model reduced to what its selection rule hands on: one head, or (scan.select=ensemble) the aligned
+    members averaged into one output."""
     saved = load_torch(ctx.run_dir / "scan" / "model.pt")
     full = build.cluster_model(cfg, ctx, cfg.scan.num_heads)
     full.load_state_dict(saved["model"])
-    full.heads = full.heads.keep_head(saved["best_head"])
+    if saved.get("select") == "ensemble":
+        full.heads = full.heads.keep_heads(saved["ensemble"], saved["ensemble_perms"])
+    else:
+        full.heads = full.heads.keep_head(saved["best_head"])
     return full
 
 

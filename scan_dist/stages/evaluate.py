@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .. import head_consensus
 from .. import metrics as M
 from .. import run_report
 from ..io_utils import atomic_path, load_torch
@@ -113,10 +114,22 @@ def _score_scan_heads(ctx, targets, keep: np.ndarray) -> dict:
     of every head on the evaluation images that the SCAN stage stored (read a chunk of rows at a time)."""
     saved = load_torch(ctx.run_dir / "scan" / "model.pt")
     logits = np.load(ctx.run_dir / "scan" / EVAL_LOGITS, mmap_mode="r")  # [N, H, C]
-    predictions = np.concatenate([np.asarray(logits[i:i + 4096]).argmax(axis=2)
-                                  for i in range(0, len(logits), 4096)])[keep]
+    predictions, ensemble = [], []
+    for i in range(0, len(logits), 4096):
+        chunk = np.swapaxes(np.asarray(logits[i:i + 4096]), 0, 1)  # [H, n, C]
+        predictions.append(chunk.argmax(axis=2).T)
+        if "ensemble" in saved:
+            ensemble.append(head_consensus.ensemble_log_probs(chunk, saved["ensemble"],
+                                                              np.asarray(saved["ensemble_perms"])).argmax(axis=1))
+    predictions = np.concatenate(predictions)[keep]
     heads = [M.cluster_metrics(targets, predictions[:, h]) for h in range(predictions.shape[1])]
     best = int(saved["best_head"])
     rules = {rule: heads[int(saved[f"{rule}_head"])]["acc"] for rule in ("loss", "consensus") if f"{rule}_head" in saved}
-    return {"selected_head": best, "selected": heads[best], "acc_per_head": [h["acc"] for h in heads],
+    selected = heads[best]
+    if ensemble:
+        scores = M.cluster_metrics(targets, np.concatenate(ensemble)[keep])
+        rules["ensemble"] = scores["acc"]
+        if saved.get("select") == "ensemble":
+            selected = scores
+    return {"selected_head": best, "selected": selected, "acc_per_head": [h["acc"] for h in heads],
             "acc_by_rule": rules}

@@ -9,10 +9,11 @@ feature_cache.py; mode=head is that cache with no augmented view, in fp32), and 
 Each anchor and each sampled neighbour draws its own view uniformly from the augmented views 1..V (as the paper
 augments both). Every choice (order, partner, view) is a counter-based function of (seed, "scan", epoch, anchor).
 
-The head kept is chosen without labels on the evaluation images (un-augmented): `scan.select=loss` takes the one
-with the lowest SCAN loss over them and their own mined neighbours (the paper's rule), computed in chunks over a
-memory-mapped logits file; `scan.select=consensus` takes the head that agrees most with the other heads (see
-head_consensus.py). Both rules' choices are logged and kept in the metrics, whichever is used.
+What is handed on is chosen without labels on the evaluation images (un-augmented): `scan.select=loss` takes the
+head with the lowest SCAN loss over them and their own mined neighbours (the paper's rule), computed in chunks over
+a memory-mapped logits file; `scan.select=consensus` takes the head that agrees most with the other heads;
+`scan.select=ensemble` hands on the `scan.ensemble_size` most agreeing heads, relabelled onto the medoid's clusters
+and averaged (see head_consensus.py). Every rule's choice is logged and kept, whichever is used.
 """
 from __future__ import annotations
 
@@ -100,17 +101,22 @@ def run(cfg, ctx, config_hash: str) -> dict:
     eval_neighbors = np.load(ctx.run_dir / "mine" / "eval_neighbors.npy", mmap_mode="r")
     losses = selection_losses(eval_logits, eval_neighbors, s.select_entropy_weight)
     loss_head = int(torch.argmin(losses))
-    consensus_head, agreement = head_consensus.consensus_head(eval_logits, cfg.num_clusters)
-    best = consensus_head if s.select == "consensus" else loss_head
-    ctx.log.info("scan: head selection losses %s -> head %d; mean agreement with the other heads %s -> head %d; "
-                 "scan.select=%s keeps head %d", [round(float(v), 4) for v in losses], loss_head,
-                 [round(float(v), 3) for v in agreement], consensus_head, s.select, best)
+    members, perms, agreement = head_consensus.ensemble(eval_logits, cfg.num_clusters, s.ensemble_size)
+    consensus_head = members[0]  # the medoid: the ensemble's first member
+    best = loss_head if s.select == "loss" else consensus_head
+    handed_on = members if s.select == "ensemble" else [best]
+    ctx.log.info("scan: head selection losses %s -> head %d; mean agreement with the other heads %s -> head %d "
+                 "(ensemble of the %d most agreeing: %s); scan.select=%s hands on %s",
+                 [round(float(v), 4) for v in losses], loss_head, [round(float(v), 3) for v in agreement],
+                 consensus_head, len(members), members, s.select, handed_on)
     out = ctx.stage_dir("scan") / "model.pt"
     if ctx.is_main:
         save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist(),
-                         "loss_head": loss_head, "consensus_head": consensus_head})
+                         "loss_head": loss_head, "consensus_head": consensus_head, "select": s.select,
+                         "ensemble": members, "ensemble_perms": perms.tolist()})
     metrics = {"best_head": best, "select": s.select, "loss_head": loss_head, "consensus_head": consensus_head,
-               "selection_losses": [float(v) for v in losses], "head_agreement": [float(v) for v in agreement]}
+               "ensemble": members, "selection_losses": [float(v) for v in losses],
+               "head_agreement": [float(v) for v in agreement]}
     if history:
         metrics.update({f"final_{k}": v for k, v in history[-1].items()})
     return {"artifacts": {"model": str(out), "eval_logits": str(ctx.stage_dir("scan") / EVAL_LOGITS)},
