@@ -187,17 +187,20 @@ def plan_memory(cfg: Config, world: int, tasks_per_node: int, gpu: bool) -> dict
     stages.append(StagePlan("scan", scan_items))
 
     if cfg.selflabel.enabled:
+        # Self-labelling trains what the SCAN stage handed on: one head, or scan.ensemble_size of them.
+        kept = min(cfg.scan.ensemble_size, heads) if cfg.scan.select == "ensemble" else 1
+        head_params = model["head_params"] // heads * kept
         if cfg.selflabel.mode == "cached":
             sl_items = [Item(f"feature cache ({cfg.selflabel.cached_views + 1} views, fp16)",
                              n * (cfg.selflabel.cached_views + 1) * d * 2,
                              f"{n:,} x {cfg.selflabel.cached_views + 1} x {d} x 2 B", "node")]
-            sl_items += training_items(cfg.selflabel.batch_size, 1, cfg.selflabel.optimizer, d * clusters,
+            sl_items += training_items(cfg.selflabel.batch_size, 1, cfg.selflabel.optimizer, head_params,
                                        with_images=False)
         else:
             sl_items = reader_items(n, "train") + training_items(cfg.selflabel.batch_size, 2, cfg.selflabel.optimizer,
-                                                                 p + d * clusters)
+                                                                 p + head_params)
         if cfg.selflabel.ema_decay > 0:
-            sl_items.append(Item("EMA teacher", (p + d * clusters) * 4, "params x 4 B", "gpu" if gpu else "host"))
+            sl_items.append(Item("EMA teacher", (p + head_params) * 4, "params x 4 B", "gpu" if gpu else "host"))
         stages.append(StagePlan("selflabel", sl_items))
 
     from .stages.evaluate import KMEANS_MAX_IMAGES, KMEANS_MAX_SIDE

@@ -38,3 +38,17 @@ def test_dry_run_prints_the_memory_plan(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "memory plan per rank" in out.stdout and "pretext" in out.stdout and "train images" in out.stdout
     assert "host GB/rank" in format_memory_plan(plan_memory(load_config("demo"), 1, 1, False))
+
+
+def test_self_labelling_plans_for_what_the_scan_stage_hands_on():
+    """scan.select=ensemble hands scan.ensemble_size heads to self-labelling: its weights and EMA teacher are
+    counted for all of them (wide MLP heads here, so the difference shows at the plan's 0.1 MB rounding)."""
+    def weights_gb(*overrides):
+        plan = plan_memory(load_config("demo", ["scan.head_hidden=4096", *overrides]), 1, 1, False)
+        return sum(i["gb"] for i in stage(plan, "selflabel")["items"] if i["what"].startswith(("weights", "EMA")))
+
+    one, ten = weights_gb("scan.select=consensus"), weights_gb("scan.select=ensemble", "scan.ensemble_size=10")
+    from scan_dist.models.backbones import build_backbone
+    d = build_backbone("cnn_small", 1, 16).out_dim  # the plan sizes heads on the backbone's features
+    head_gb = (d * 4096 + 4096 + 4096 * 10 + 10) * 4 / 1e9
+    assert abs((ten - one) - 2 * 9 * head_gb) < 1e-3, (one, ten, head_gb)  # weights + EMA copy of 9 more heads
