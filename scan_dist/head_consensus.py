@@ -11,8 +11,8 @@ rows, no randomness), so the cost is O(H^2 * max_rows) whatever N, plus one pass
 
 `scan.select=ensemble` goes one step further: the most agreeing heads, each relabelled onto the medoid's clusters
 by Hungarian matching, are averaged (mean probability). Where the heads' errors are independent the average beats
-every member; on the demo they are only partly so: over five head populations the top-10 ensemble scored between
-2.1 points above and 0.75 below the medoid, +0.4 on average (README, "Every stage earns its place"), so the demo
+every member; on the demo they are only partly so: over six head populations the top-10 ensemble scored between
+2.1 points above and 0.75 below the medoid, +0.3 on average (README, "Every stage earns its place"), so the demo
 keeps the medoid.
 """
 from __future__ import annotations
