@@ -18,7 +18,8 @@ keeps the medoid.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
+
+from . import metrics
 
 MAX_ROWS = 20000
 
@@ -72,26 +73,18 @@ def consensus_scores(assignments: np.ndarray, classes: int) -> tuple[np.ndarray,
     return mean, usable
 
 
-def consensus_head(logits, classes: int, max_rows: int = MAX_ROWS) -> tuple[int, np.ndarray]:
-    """(index of the medoid head, every head's mean agreement) for logits [H, N, C]."""
-    mean, _ = consensus_scores(hard_assignments(logits, max_rows), classes)
-    return int(np.argmax(mean)), mean
-
-
 def alignment(reference: np.ndarray, other: np.ndarray, classes: int) -> np.ndarray:
-    """perm [C] mapping `other`'s cluster c to the `reference` cluster it overlaps most (Hungarian matching of the
-    two hard assignments' contingency table): a one-to-one relabelling, so every cluster keeps its own images."""
-    joint = np.bincount(other * classes + reference, minlength=classes * classes).reshape(classes, classes)
-    rows, cols = linear_sum_assignment(-joint)
-    perm = np.empty(classes, dtype=np.int64)
-    perm[rows] = cols
-    return perm
+    """perm [C] mapping `other`'s cluster c to the `reference` cluster it overlaps most: the evaluation's Hungarian
+    matching with `reference` in the place of the labels, a one-to-one relabelling (every cluster keeps its images)."""
+    mapping = metrics.hungarian_match(reference, other, classes, classes)
+    return np.array([mapping[c] for c in range(classes)], dtype=np.int64)
 
 
 def ensemble(logits, classes: int, size: int, max_rows: int = MAX_ROWS) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(members, perms [m, C], every head's mean agreement) of the `size` usable heads that agree most with the
-    others (the medoid first), each relabelled onto the medoid's clusters (perms[i][c] = the medoid cluster of
-    member i's cluster c). `ensemble_log_probs` averages them."""
+    others, for logits [H, N, C]. members[0] is the medoid (`scan.select=consensus`'s head); every member is
+    relabelled onto its clusters (perms[i][c] = the medoid cluster of member i's cluster c). `ensemble_log_probs`
+    averages them."""
     assignments = hard_assignments(logits, max_rows)
     mean, usable = consensus_scores(assignments, classes)
     members = [int(h) for h in np.argsort(-mean, kind="stable") if usable[h]][:max(1, size)]

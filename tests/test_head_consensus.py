@@ -32,7 +32,7 @@ def test_the_most_typical_head_wins_whatever_its_loss_or_index():
     classes, truth = 6, rng.integers(0, 6, 4000)
     noise = [0.6, 0.5, 0.1, 0.55, 0.45, 0.5]  # head 2 is the cleanest clustering; the others err independently
     logits = np.stack([_noisy_head(truth, n, classes, rng) for n in noise])
-    best, scores = hc.consensus_head(logits, classes)
+    (best, *_), _, scores = hc.ensemble(logits, classes, size=1)
     assert best == 2
     assert np.argsort(-scores)[-1] == 0  # the noisiest agrees least
 
@@ -44,7 +44,7 @@ def test_a_degenerate_head_neither_wins_nor_votes():
     collapsed = heads[1].copy()
     collapsed[:, 4] -= 100  # the cleanest head but cluster 4 empty: the entropy term failed
     logits = np.stack([*heads[:1], collapsed, heads[2]])
-    best, scores = hc.consensus_head(logits, classes)
+    (best, *_), _, scores = hc.ensemble(logits, classes, size=1)
     assert best != 1 and scores[1] == -1
     _, usable = hc.consensus_scores(hc.hard_assignments(logits), classes)
     assert usable.tolist() == [True, False, True]
@@ -54,7 +54,7 @@ def test_when_every_head_is_degenerate_the_fullest_still_compete():
     logits = np.zeros((2, 6, 3))
     logits[0, :3, 0] = logits[0, 3:, 1] = 1  # two clusters used
     logits[1, :, 0] = 1  # one cluster used
-    best, scores = hc.consensus_head(logits, 3)
+    (best, *_), _, scores = hc.ensemble(logits, 3, size=1)
     assert best == 0 and scores[1] == -1
 
 

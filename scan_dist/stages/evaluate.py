@@ -114,13 +114,13 @@ def _score_scan_heads(ctx, targets, keep: np.ndarray) -> dict:
     of every head on the evaluation images that the SCAN stage stored (read a chunk of rows at a time)."""
     saved = load_torch(ctx.run_dir / "scan" / "model.pt")
     logits = np.load(ctx.run_dir / "scan" / EVAL_LOGITS, mmap_mode="r")  # [N, H, C]
+    members, perms = saved.get("ensemble"), np.asarray(saved.get("ensemble_perms"))
     predictions, ensemble = [], []
     for i in range(0, len(logits), 4096):
         chunk = np.swapaxes(np.asarray(logits[i:i + 4096]), 0, 1)  # [H, n, C]
         predictions.append(chunk.argmax(axis=2).T)
-        if "ensemble" in saved:
-            ensemble.append(head_consensus.ensemble_log_probs(chunk, saved["ensemble"],
-                                                              np.asarray(saved["ensemble_perms"])).argmax(axis=1))
+        if members is not None:
+            ensemble.append(head_consensus.ensemble_log_probs(chunk, members, perms).argmax(axis=1))
     predictions = np.concatenate(predictions)[keep]
     heads = [M.cluster_metrics(targets, predictions[:, h]) for h in range(predictions.shape[1])]
     best = int(saved["best_head"])
