@@ -78,7 +78,9 @@ class PretextConfig:
 class MineConfig:
     k: int = 20  # neighbours per image (the image itself excluded)
     features: str = "pretext"  # pretext | pixels | both: the space the neighbours are searched in
-    layer: str = "projection"  # pretext embedding used: projection (SimCLR head output) | backbone
+    layer: str = "projection"  # pretext embedding used: projection (SimCLR head output) | backbone (pooled) |
+    #                            grid (the backbone's last feature map pooled to grid x grid cells, concatenated)
+    grid: int = 2  # cells per side for layer=grid (out_dim x grid^2 dimensions)
     pca_dims: int = 64  # dimensions of the pixel PCA used by features=pixels|both
     backend: str = "auto"  # auto (Triton on CUDA, else torch) | torch | faiss | triton
     precision: str = "fp32"  # k-NN scores: fp32 | fp16 (Triton fast path: fp16 candidates, fp32 re-rank, still exact)
@@ -213,7 +215,7 @@ _CHOICES = {
     "mine.features": ("pretext", "pixels", "both"),
     "mine.backend": ("auto", "torch", "faiss", "triton"),
     "mine.precision": ("fp32", "fp16"),
-    "mine.layer": ("projection", "backbone"),
+    "mine.layer": ("projection", "backbone", "grid"),
     "scan.mode": ("full", "head", "cached"),
     "scan.init": ("pretext", "random"),
     "scan.features": ("backbone", "mined"),
@@ -359,6 +361,7 @@ def validate(cfg: Config) -> None:
         "selflabel.batch_size": cfg.selflabel.batch_size,
         "scan.num_heads": cfg.scan.num_heads,
         "mine.k": cfg.mine.k,
+        "mine.grid": cfg.mine.grid,
         "run.eval_batch_size": cfg.run.eval_batch_size if cfg.run.eval_batch_size is not None else 1,
     }
     for key, value in positive.items():

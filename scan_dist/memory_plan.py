@@ -149,7 +149,7 @@ def plan_memory(cfg: Config, world: int, tasks_per_node: int, gpu: bool) -> dict
     if not cfg.model.pretrained and cfg.pretext.epochs > 0:
         stages.append(StagePlan("pretext", reader_items(n, "train") + training_items(
             cfg.pretext.batch_size, 2, cfg.pretext.optimizer, model["simclr_params"])))
-    embed_dim = cfg.model.projection_dim if cfg.mine.layer == "projection" else d
+    embed_dim = {"projection": cfg.model.projection_dim, "grid": d * cfg.mine.grid ** 2}.get(cfg.mine.layer, d)
     stages.append(StagePlan("embed", reader_items(n, "train") + [
         Item("train embeddings (written by all ranks, memory-mapped)", n * embed_dim * 4,
              f"{n:,} x {embed_dim} x 4 B", "node")]))

@@ -38,7 +38,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "pretext": ("data.*", "-data.workers", "-data.prefetch", "-data.cache_dir", "-data.finish_on",
                 "-data.max_eval_images", "augment.*", "model.*", "pretext.*", "run.seed", "dist.precision",
                 "dist.grad_clip", "dist.sync_batchnorm"),
-    "embed": ("mine.layer", "data.max_eval_images"),
+    "embed": ("mine.layer", "mine.grid", "data.max_eval_images"),
     "mine": ("mine.*", "-mine.backend", "-mine.precision"),  # the k-NN is exact whichever backend finds it
     "scan": ("scan.*", "-scan.loss_backend", "num_clusters", "dist.precision", "dist.grad_clip",
              "dist.sync_batchnorm"),

@@ -46,6 +46,8 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ("selflabel.threshold=1.5", "selflabel.threshold"),
     ("data.on_bad_image=ignore", "data.on_bad_image"),
     ("data.channels=2", "data.channels"),
+    ("mine.layer=stem", "mine.layer"),
+    ("mine.grid=0", "mine.grid"),
     ("noequals", "key=value"),
 ])
 def test_bad_values_name_the_key(override, fragment):

@@ -52,3 +52,16 @@ def test_self_labelling_plans_for_what_the_scan_stage_hands_on():
     d = build_backbone("cnn_small", 1, 16).out_dim  # the plan sizes heads on the backbone's features
     head_gb = (d * 4096 + 4096 + 4096 * 10 + 10) * 4 / 1e9
     assert abs((ten - one) - 2 * 9 * head_gb) < 1e-3, (one, ten, head_gb)  # weights + EMA copy of 9 more heads
+
+
+def test_embed_plans_for_the_layer_it_writes():
+    """The embeddings the embed stage writes: projection_dim wide, out_dim for the pooled backbone, grid^2 x out_dim
+    for mine.layer=grid (ImageNet-1k: 1.28M x 2048 x 9 x 4 B = 94 GB on the node's disk for a 3x3 grid)."""
+    def embed_gb(*overrides):
+        plan = plan_memory(load_config("imagenet1k", list(overrides)), 64, 8, True)
+        return next(i["gb"] for i in stage(plan, "embed")["items"] if i["what"].startswith("train embeddings"))
+
+    n = 1281167
+    assert abs(embed_gb("mine.layer=projection") - n * 128 * 4 / 1e9) < 0.01
+    assert abs(embed_gb("mine.layer=backbone") - n * 2048 * 4 / 1e9) < 0.01
+    assert abs(embed_gb("mine.layer=grid", "mine.grid=3") - 9 * n * 2048 * 4 / 1e9) < 0.1

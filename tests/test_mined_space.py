@@ -11,7 +11,7 @@ from scan_dist.stages.mine import fit_pixel_pca
 
 
 @pytest.mark.parametrize("features, layer", [("both", "projection"), ("pixels", "projection"),
-                                             ("pretext", "backbone")])
+                                             ("pretext", "backbone"), ("both", "grid")])
 def test_matches_the_mined_vectors(features, layer):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8)
@@ -23,7 +23,12 @@ def test_matches_the_mined_vectors(features, layer):
     x = normalize(images, mean, std)
     if encoder is not None:
         with torch.no_grad():
-            parts.append(F.normalize(encoder(x) if layer == "projection" else encoder.backbone(x), dim=1))
+            if layer == "grid":  # 12 px -> a 3x3 map; 2x2 cells of it, by hand
+                fmap = encoder.backbone.features[:-2](x)
+                cells = [fmap[:, :, r0:r1, c0:c1].mean((2, 3)) for r0, r1 in ((0, 2), (1, 3)) for c0, c1 in ((0, 2), (1, 3))]
+                parts.append(F.normalize(torch.stack(cells, dim=2).flatten(1), dim=1))
+            else:
+                parts.append(F.normalize(encoder(x) if layer == "projection" else encoder.backbone(x), dim=1))
     if pca_dims:
         flat = images.reshape(len(images), -1).float() / 255
         pca_mean, basis = fit_pixel_pca(flat, pca_dims, seed=0)

@@ -15,6 +15,31 @@ def test_backbone_shapes(name, channels, size):
     assert out.shape == (2, net.out_dim)
 
 
+@pytest.mark.parametrize("name, channels, size", [("cnn_small", 1, 28), ("resnet18_cifar", 3, 32),
+                                                  ("resnet18_stl", 1, 40)])
+def test_feature_map_is_what_the_global_pool_averages(name, channels, size):
+    net = build_backbone(name, channels, width=8).eval()
+    x = torch.randn(2, channels, size, size)
+    with torch.no_grad():
+        fmap, pooled = net.feature_map(x), net(x)
+    assert fmap.shape[:2] == (2, net.out_dim) and fmap.shape[-1] > 1
+    assert torch.allclose(fmap.mean((2, 3)), pooled, atol=1e-5)
+
+
+def test_grid_embedding_keeps_where_features_are():
+    model = SimCLRModel(build_backbone("cnn_small", 1, width=4), 8).eval()
+    x = torch.randn(3, 1, 28, 28)  # a 7x7 map
+    with torch.no_grad():
+        fmap = model.backbone.feature_map(x)
+        one_cell = model.embedding(x, "grid", 1)
+        full = model.embedding(x, "grid", 7)
+        two = model.embedding(x, "grid", 2)
+    assert torch.allclose(one_cell, model.embedding(x, "backbone", 2), atol=1e-6)  # 1 cell = the global pool
+    assert torch.allclose(full, torch.nn.functional.normalize(fmap.flatten(1), dim=1), atol=1e-6)
+    assert two.shape == (3, model.embedding_dim("grid", 2)) == (3, 16 * 4)
+    assert torch.allclose(two.norm(dim=1), torch.ones(3))
+
+
 def test_unknown_backbone():
     with pytest.raises(ConfigError, match="model.backbone"):
         build_backbone("vgg", 3)

@@ -182,7 +182,7 @@ import pytest as _pytest
 # (stage, a setting of that stage and another value): changing it reruns that stage and what follows, not before.
 _INCLUDED = [("pretext", "pretext.lr=0.3"), ("pretext", "augment.crop_scale_min=0.3"),
              ("pretext", "data.resize_size=40"), ("pretext", "dist.precision=bf16"), ("pretext", "run.seed=5"),
-             ("embed", "mine.layer=backbone"), ("embed", "data.max_eval_images=500"), ("mine", "mine.k=7"),
+             ("embed", "mine.layer=backbone"), ("embed", "mine.grid=3"), ("embed", "data.max_eval_images=500"), ("mine", "mine.k=7"),
              ("scan", "scan.entropy_weight=3.0"), ("scan", "num_clusters=7"), ("scan", "scan.lr=0.01"), ("pretext", "dist.grad_clip=1.0"),
              ("selflabel", "selflabel.threshold=0.95"), ("evaluate", "run.baseline=false")]
 # Settings that change how fast or how a stage runs, never its result: nothing reruns.

@@ -1,6 +1,7 @@
 """Backbones: a small CNN for 28x28 images on CPU, and torchvision ResNets (CIFAR/STL stems, ResNet-50).
 
-Every backbone maps images [B, C, S, S] to features [B, out_dim] and carries `out_dim`.
+Every backbone maps images [B, C, S, S] to features [B, out_dim] and carries `out_dim`; `feature_map` gives the
+last convolutional map [B, out_dim, h, w] before the global average pool (for `mine.layer=grid`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,9 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
 
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features[:-2](x)  # all but the global pool and flatten
+
 
 class _TorchvisionResNet(nn.Module):
     def __init__(self, net: nn.Module, out_dim: int):
@@ -42,6 +46,11 @@ class _TorchvisionResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    def feature_map(self, x: torch.Tensor) -> torch.Tensor:
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        return n.layer4(n.layer3(n.layer2(n.layer1(x))))
 
 
 def _small_image_stem(net: nn.Module, in_channels: int, maxpool: bool) -> None:

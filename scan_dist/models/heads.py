@@ -91,3 +91,19 @@ class SimCLRModel(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.projection(self.backbone(images))
+
+    def embedding(self, images: torch.Tensor, layer: str, grid: int) -> torch.Tensor:
+        """The embedding `mine.layer` names, L2-normalised: projection (SimCLR's output), backbone (pooled
+        features), or grid (the last feature map average-pooled to grid x grid cells: keeps where in the image a
+        feature is, which the global pool discards)."""
+        if layer == "projection":
+            return self(images)
+        if layer == "grid":
+            cells = F.adaptive_avg_pool2d(self.backbone.feature_map(images), grid).flatten(1)
+            return F.normalize(cells, dim=1)
+        return F.normalize(self.backbone(images), dim=1)
+
+    def embedding_dim(self, layer: str, grid: int) -> int:
+        if layer == "projection":
+            return self.projection.mlp[-1].out_features
+        return self.backbone.out_dim * (grid * grid if layer == "grid" else 1)

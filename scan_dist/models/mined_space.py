@@ -20,9 +20,10 @@ SCALE = 8.0
 
 
 class MinedSpace(nn.Module):
-    def __init__(self, encoder: SimCLRModel | None, layer: str, pixel_shape: tuple[int, int, int], pca_dims: int):
+    def __init__(self, encoder: SimCLRModel | None, layer: str, pixel_shape: tuple[int, int, int], pca_dims: int,
+                 grid: int = 2):
         super().__init__()
-        self.encoder, self.layer, self.pca_dims = encoder, layer, pca_dims
+        self.encoder, self.layer, self.pca_dims, self.grid = encoder, layer, pca_dims, grid
         channels, height, width = pixel_shape
         if pca_dims:
             self.register_buffer("pca_mean", torch.zeros(1, channels * height * width))
@@ -32,7 +33,7 @@ class MinedSpace(nn.Module):
             self.register_buffer("pixel_std", torch.ones(1, channels, 1, 1))
         encoder_dim = 0
         if encoder is not None:
-            encoder_dim = encoder.projection.mlp[-1].out_features if layer == "projection" else encoder.backbone.out_dim
+            encoder_dim = encoder.embedding_dim(layer, grid)
         self.out_dim = encoder_dim + pca_dims
 
     def set_pca(self, mean: torch.Tensor, basis: torch.Tensor, pixel_mean, pixel_std) -> None:
@@ -45,8 +46,7 @@ class MinedSpace(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         parts = []  # same order as the mine stage: pretext embedding first, then pixels
         if self.encoder is not None:
-            embedding = self.encoder(images) if self.layer == "projection" else self.encoder.backbone(images)
-            parts.append(F.normalize(embedding.float(), dim=1))
+            parts.append(F.normalize(self.encoder.embedding(images, self.layer, self.grid).float(), dim=1))
         if self.pca_dims:
             pixels = (images * self.pixel_std + self.pixel_mean).flatten(1)
             parts.append(F.normalize((pixels - self.pca_mean) @ self.pca_basis, dim=1))

@@ -1,8 +1,6 @@
 """Stage 2, embed: the pretext model embeds every training and evaluation image (no augmentation, eval mode)."""
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ..models import build
 from .common import infer, require_finite
 
@@ -11,11 +9,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
     model = ctx.prepare_model(build.simclr_model(cfg, ctx.channels))
     build.load_state(model, ctx.run_dir / "pretext" / "model.pt", key="model")
     model.eval()
-    if cfg.mine.layer == "projection":
-        embed_fn = model
-    else:
-        def embed_fn(x):
-            return F.normalize(model.backbone(x), dim=1)
+    def embed_fn(x):
+        return model.embedding(x, cfg.mine.layer, cfg.mine.grid)
     out_dir = ctx.stage_dir("embed")
     artifacts = {}
     for split in ("train", "eval"):
