@@ -76,7 +76,8 @@ def _model_facts(cfg: Config, channels: int, side: int) -> dict:
         backbone(images)
     count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
     return {"params": count(backbone), "simclr_params": count(simclr), "head_params": count(heads),
-            "dim": int(backbone.out_dim), "activation_bytes": float(sum(saved.values()))}
+            "dim": int(backbone.out_dim), "embed_dim": simclr.embedding_dim(cfg.mine.layer, cfg.mine.grid),
+            "activation_bytes": float(sum(saved.values()))}
 
 
 def dataset_facts(cfg: Config) -> dict:
@@ -149,7 +150,7 @@ def plan_memory(cfg: Config, world: int, tasks_per_node: int, gpu: bool) -> dict
     if not cfg.model.pretrained and cfg.pretext.epochs > 0:
         stages.append(StagePlan("pretext", reader_items(n, "train") + training_items(
             cfg.pretext.batch_size, 2, cfg.pretext.optimizer, model["simclr_params"])))
-    embed_dim = {"projection": cfg.model.projection_dim, "grid": d * cfg.mine.grid ** 2}.get(cfg.mine.layer, d)
+    embed_dim = model["embed_dim"]
     stages.append(StagePlan("embed", reader_items(n, "train") + [
         Item("train embeddings (written by all ranks, memory-mapped)", n * embed_dim * 4,
              f"{n:,} x {embed_dim} x 4 B", "node")]))
