@@ -72,8 +72,16 @@ step env
 # The benchmark-shape parity tests first: the most important answer of the whole run.
 run_step tests_gpu "$(cap tests_gpu)" "${PYTEST[@]}" -m gpu "${KTESTS[@]}"
 # Every other kernel test, compiled on the GPU this time (plus the self-check and the mine-stage test of issue 14).
+# tests/test_mine.py imports the config tree (omegaconf), which a bare GPU image lacks: one missing module in one
+# file would stop pytest's collection and lose every kernel test, so that file goes only where omegaconf imports
+# (carry its wheel to run it: it needs PyYAML alone).
+MINE_TESTS=("$REPO/tests/test_mine.py")
+if ! (cd "$WORK" && "$PY" -c "import omegaconf" >/dev/null 2>&1); then
+  echo "gpu_check: omegaconf missing, tests/test_mine.py left out of tests_kernels" | tee "$OUT/logs/mine_tests_skipped.log"
+  MINE_TESTS=()
+fi
 run_step tests_kernels "$(cap tests_kernels)" "${PYTEST[@]}" "${XDIST[@]}" -m "not gpu" --maxfail=10 "${KTESTS[@]}" \
-  "$REPO/tests/test_kernel_selfcheck.py" "$REPO/tests/test_mine.py" ${DRY:+-k "self_check_passes or mine"}
+  "$REPO/tests/test_kernel_selfcheck.py" "${MINE_TESTS[@]}" ${DRY:+-k "self_check_passes or mine"}
 step selfcheck
 step scan_loss
 step knn
