@@ -18,7 +18,7 @@ def test_matches_the_mined_vectors(features, layer):
     mean, std = [0.4], [0.3]
     encoder = SimCLRModel(build_backbone("cnn_small", 1, width=4), 8).eval() if features != "pixels" else None
     pca_dims = 5 if features != "pretext" else 0
-    space = MinedSpace(encoder, layer, (1, 12, 12), pca_dims).eval()
+    space = MinedSpace(encoder, layer, (1, 12, 12), pca_dims, grid=2).eval()
     parts = []  # what the mine stage computes
     x = normalize(images, mean, std)
     if encoder is not None:
@@ -42,8 +42,8 @@ def test_matches_the_mined_vectors(features, layer):
 
 
 def test_state_dict_carries_the_pca():
-    space = MinedSpace(None, "projection", (1, 4, 4), 3)
+    space = MinedSpace(None, "projection", (1, 4, 4), 3, grid=2)
     space.set_pca(torch.ones(1, 16), torch.full((16, 3), 2.0), [0.5], [0.25])
-    fresh = MinedSpace(None, "projection", (1, 4, 4), 3)
+    fresh = MinedSpace(None, "projection", (1, 4, 4), 3, grid=2)
     fresh.load_state_dict(space.state_dict())
     assert torch.equal(fresh.pca_basis, space.pca_basis) and fresh.pixel_std.item() == 0.25

@@ -21,7 +21,7 @@ SCALE = 8.0
 
 class MinedSpace(nn.Module):
     def __init__(self, encoder: SimCLRModel | None, layer: str, pixel_shape: tuple[int, int, int], pca_dims: int,
-                 grid: int = 2):
+                 grid: int):
         super().__init__()
         self.encoder, self.layer, self.pca_dims, self.grid = encoder, layer, pca_dims, grid
         channels, height, width = pixel_shape

@@ -70,7 +70,7 @@ def search_space(cfg, ctx) -> dict[str, np.ndarray]:
             save_torch(ctx.stage_dir("mine") / "pca.pt", {"mean": pca_mean, "basis": basis})
         # The pixel half of the mined space, as scan.features=mined will read it (normalised, scaled: the scale
         # disappears in the normalisation below).
-        projector = MinedSpace(None, cfg.mine.layer, ctx.pixel_shape, ctx.pca_dims)
+        projector = MinedSpace(None, cfg.mine.layer, ctx.pixel_shape, ctx.pca_dims, cfg.mine.grid)
         projector.set_pca(pca_mean, basis, *ctx.normalization)
         projector = projector.to(ctx.device).eval()
         for split in parts:
