@@ -19,6 +19,7 @@ __all__ = [
     "hungarian_match",
     "cluster_metrics",
     "confusion_matrix",
+    "confident_purity",
     "neighbor_agreement",
     "kmeans_baseline",
     "to_numpy",
@@ -186,6 +187,37 @@ def _confusion_and_columns(targets: Any, predictions: Any,
         if cluster is not None:
             conf[:, j] = counts[cluster]
     return conf, columns
+
+
+def confident_purity(targets: Any, predictions: Any, confidence: Any, threshold: float,
+                     num_clusters: int | None = None, num_classes: int | None = None) -> dict:
+    """What self-labelling would learn from: the samples whose confidence exceeds ``threshold``.
+
+    Keys: ``threshold``; ``share`` (fraction of all samples above it); ``acc`` (accuracy of those samples under the
+    whole clustering's Hungarian mapping, labelled ones only; None when none is labelled); ``min_cluster_share``
+    (the smallest share above the threshold among the non-empty clusters: 0 means a cluster gets no pseudo-label).
+    A clustering's errors that sit above the threshold are errors self-labelling trains on, not ones it can fix.
+    """
+    t, p = _check_pair(targets, predictions)
+    conf = to_numpy(confidence).astype(np.float64)
+    if conf.shape != p.shape:
+        raise ValueError(f"confidence and predictions differ in length: {conf.shape[0]} vs {p.shape[0]}")
+    k, _ = _sizes(t[t != _UNLABELLED], p, num_clusters, num_classes)
+    mapping = hungarian_match(t, p, k, num_classes)
+    lookup = np.full(k, -2, dtype=np.int64)  # -2: an unmatched cluster, wrong for every labelled sample
+    for cluster, cls in mapping.items():
+        lookup[cluster] = cls
+    confident = conf > threshold
+    scored = confident & (t != _UNLABELLED)
+    sizes = np.bincount(p, minlength=k)
+    above = np.bincount(p[confident], minlength=k)
+    present = sizes > 0
+    return {
+        "threshold": float(threshold),
+        "share": float(confident.mean()) if p.size else 0.0,
+        "acc": float((lookup[p[scored]] == t[scored]).mean()) if scored.any() else None,
+        "min_cluster_share": float((above[present] / sizes[present]).min()) if present.any() else 0.0,
+    }
 
 
 def confusion_matrix(targets: Any, predictions: Any, mapping: Mapping[int, int] | None = None) -> np.ndarray:

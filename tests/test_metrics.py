@@ -10,6 +10,7 @@ from sklearn import metrics as skm
 
 from scan_dist.metrics import (
     cluster_metrics,
+    confident_purity,
     confusion_matrix,
     hungarian_match,
     kmeans_baseline,
@@ -152,6 +153,23 @@ def test_neighbor_agreement_by_hand():
     assert neighbor_agreement(targets, neighbors) == pytest.approx(4 / 7)
     assert neighbor_agreement(torch.tensor(targets), torch.tensor(neighbors), chunk_rows=2) == pytest.approx(4 / 7)
     assert math.isnan(neighbor_agreement([-1, -1], [[1], [0]]))
+
+
+def test_confident_purity_by_hand():
+    # Clusters 0 -> class 1 and 1 -> class 0 under the Hungarian map (4 of 6 agree); cluster 2 is empty.
+    targets = [1, 1, 0, 0, 0, -1]
+    predictions = [0, 0, 1, 1, 0, 1]
+    confidence = [0.999, 0.5, 0.995, 0.999, 0.999, 0.999]
+    out = confident_purity(targets, predictions, confidence, 0.99, num_clusters=3, num_classes=2)
+    assert out["threshold"] == 0.99
+    assert out["share"] == pytest.approx(5 / 6)
+    # Above the threshold and labelled: rows 0 (right), 2 (right), 3 (right), 4 (wrong: cluster 0 is class 1).
+    assert out["acc"] == pytest.approx(3 / 4)
+    assert out["min_cluster_share"] == pytest.approx(2 / 3)  # cluster 0: rows 0, 4 of 0, 1, 4; empty cluster 2 ignored
+    nobody = confident_purity(targets, predictions, np.zeros(6), 0.99)
+    assert nobody["share"] == 0.0 and nobody["acc"] is None and nobody["min_cluster_share"] == 0.0
+    with pytest.raises(ValueError, match="confidence"):
+        confident_purity(targets, predictions, [0.5], 0.9)
 
 
 def test_input_validation():

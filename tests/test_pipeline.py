@@ -152,6 +152,9 @@ def test_the_ensemble_handed_on_is_the_one_scored(tmp_path, fashion_mnist):
     final = np.load(run_dir / "evaluate" / "final_logits.npy")[:, 0]
     assert np.allclose(final, expected, atol=1e-4)
     assert heads["selected"]["acc"] == heads["acc_by_rule"]["ensemble"]
+    # The pseudo-label diagnostic reads the clustering handed on: the ensemble's averaged probabilities.
+    threshold = heads["confident_threshold"]
+    assert heads["confident_share"] == pytest.approx(float((np.exp(expected.max(axis=1)) > threshold).mean()))
     assert metrics["acc"] == pytest.approx(heads["selected"]["acc"], abs=1e-3)  # a near-tie may flip one image
 
 

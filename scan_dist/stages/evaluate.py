@@ -68,7 +68,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
         run_report.write_confusion_png(run_dir / "confusion.png", confusion, eval_set.class_names,
                                    title=f"{cfg.name}: ACC {results['final']['acc']:.3f}")
         cluster_names = _cluster_names(mapping, eval_set.class_names, cfg.num_clusters)
-        results["scan_heads"] = _score_scan_heads(ctx, targets, keep)
+        results["scan_heads"] = _score_scan_heads(cfg, ctx, targets, keep)
         if cfg.run.baseline:
             results["kmeans_pixels"] = kmeans_pixels(cfg, ctx, targets, keep)
     else:
@@ -109,27 +109,42 @@ def _cluster_sizes(predictions: torch.Tensor, num_clusters: int):
     return torch.bincount(predictions, minlength=num_clusters).numpy()[None, :]
 
 
-def _score_scan_heads(ctx, targets, keep: np.ndarray) -> dict:
+def _score_scan_heads(cfg, ctx, targets, keep: np.ndarray) -> dict:
     """Every SCAN head's accuracy next to the one the label-free rule selected (diagnostic only), from the logits
-    of every head on the evaluation images that the SCAN stage stored (read a chunk of rows at a time)."""
+    of every head on the evaluation images that the SCAN stage stored (read a chunk of rows at a time); and, for
+    the clustering handed on, the share of images above selflabel.threshold and their accuracy (`confident_*`)."""
     saved = load_torch(ctx.run_dir / "scan" / "model.pt")
     logits = np.load(ctx.run_dir / "scan" / EVAL_LOGITS, mmap_mode="r")  # [N, H, C]
     members, perms = saved.get("ensemble"), np.asarray(saved.get("ensemble_perms"))
-    predictions, ensemble = [], []
+    best = int(saved["best_head"])
+    predictions, ensemble, head_confidence, ensemble_confidence = [], [], [], []
     for i in range(0, len(logits), 4096):
         chunk = np.swapaxes(np.asarray(logits[i:i + 4096]), 0, 1)  # [H, n, C]
         predictions.append(chunk.argmax(axis=2).T)
+        head_confidence.append(_max_probability(chunk[best]))
         if members is not None:
-            ensemble.append(head_consensus.ensemble_log_probs(chunk, members, perms).argmax(axis=1))
+            log_probs = head_consensus.ensemble_log_probs(chunk, members, perms)
+            ensemble.append(log_probs.argmax(axis=1))
+            ensemble_confidence.append(np.exp(log_probs.max(axis=1)))
     predictions = np.concatenate(predictions)[keep]
     heads = [M.cluster_metrics(targets, predictions[:, h]) for h in range(predictions.shape[1])]
-    best = int(saved["best_head"])
     rules = {rule: heads[int(saved[f"{rule}_head"])]["acc"] for rule in ("loss", "consensus") if f"{rule}_head" in saved}
-    selected = heads[best]
+    selected, handed_on, confidence = heads[best], predictions[:, best], np.concatenate(head_confidence)[keep]
     if ensemble:
         scores = M.cluster_metrics(targets, np.concatenate(ensemble)[keep])
         rules["ensemble"] = scores["acc"]
         if saved.get("select") == "ensemble":
-            selected = scores
+            selected, handed_on = scores, np.concatenate(ensemble)[keep]
+            confidence = np.concatenate(ensemble_confidence)[keep]
+    # The pseudo-labels' quality, measured on the evaluation images (un-augmented; self-labelling thresholds a
+    # teacher's weak views of the training images, so this is the closest labelled look at them).
+    confident = M.confident_purity(targets, handed_on, confidence, cfg.selflabel.threshold,
+                                   cfg.num_clusters, ctx.eval_set.num_classes)
     return {"selected_head": best, "selected": selected, "acc_per_head": [h["acc"] for h in heads],
-            "acc_by_rule": rules}
+            "acc_by_rule": rules, **{f"confident_{key}": value for key, value in confident.items()}}
+
+
+def _max_probability(logits: np.ndarray) -> np.ndarray:
+    """Each row's largest softmax probability, [n], from logits [n, C]."""
+    z = np.asarray(logits, dtype=np.float64)
+    return 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
