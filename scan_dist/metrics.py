@@ -202,20 +202,20 @@ def confident_purity(targets: Any, predictions: Any, confidence: Any, threshold:
     conf = to_numpy(confidence).astype(np.float64)
     if conf.shape != p.shape:
         raise ValueError(f"confidence and predictions differ in length: {conf.shape[0]} vs {p.shape[0]}")
-    k, _ = _sizes(t[t != _UNLABELLED], p, num_clusters, num_classes)
-    mapping = hungarian_match(t, p, k, num_classes)
-    lookup = np.full(k, -2, dtype=np.int64)  # -2: an unmatched cluster, wrong for every labelled sample
-    for cluster, cls in mapping.items():
-        lookup[cluster] = cls
+    labelled = t != _UNLABELLED
+    k, c = _sizes(t[labelled], p, num_clusters, num_classes)
+    mapping = _match_counts(_contingency(t[labelled], p[labelled], k, c))
     confident = conf > threshold
-    scored = confident & (t != _UNLABELLED)
+    scored = confident & labelled
+    # The confident samples' counts per (cluster, class); the right ones sit in the matched cells.
+    counts = _contingency(t[scored], p[scored], k, c)
     sizes = np.bincount(p, minlength=k)
     above = np.bincount(p[confident], minlength=k)
     present = sizes > 0
     return {
         "threshold": float(threshold),
         "share": float(confident.mean()) if p.size else 0.0,
-        "acc": float((lookup[p[scored]] == t[scored]).mean()) if scored.any() else None,
+        "acc": float(sum(counts[r, m] for r, m in mapping.items()) / scored.sum()) if scored.any() else None,
         "min_cluster_share": float((above[present] / sizes[present]).min()) if present.any() else 0.0,
     }
 

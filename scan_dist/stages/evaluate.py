@@ -117,11 +117,13 @@ def _score_scan_heads(cfg, ctx, targets, keep: np.ndarray) -> dict:
     logits = np.load(ctx.run_dir / "scan" / EVAL_LOGITS, mmap_mode="r")  # [N, H, C]
     members, perms = saved.get("ensemble"), np.asarray(saved.get("ensemble_perms"))
     best = int(saved["best_head"])
+    identity = np.arange(logits.shape[2])[None, :]
     predictions, ensemble, head_confidence, ensemble_confidence = [], [], [], []
     for i in range(0, len(logits), 4096):
         chunk = np.swapaxes(np.asarray(logits[i:i + 4096]), 0, 1)  # [H, n, C]
         predictions.append(chunk.argmax(axis=2).T)
-        head_confidence.append(_max_probability(chunk[best]))
+        # The selected head as an ensemble of one (identity alignment): its softmax's largest value per row.
+        head_confidence.append(np.exp(head_consensus.ensemble_log_probs(chunk, [best], identity).max(axis=1)))
         if members is not None:
             log_probs = head_consensus.ensemble_log_probs(chunk, members, perms)
             ensemble.append(log_probs.argmax(axis=1))
@@ -131,10 +133,11 @@ def _score_scan_heads(cfg, ctx, targets, keep: np.ndarray) -> dict:
     rules = {rule: heads[int(saved[f"{rule}_head"])]["acc"] for rule in ("loss", "consensus") if f"{rule}_head" in saved}
     selected, handed_on, confidence = heads[best], predictions[:, best], np.concatenate(head_confidence)[keep]
     if ensemble:
-        scores = M.cluster_metrics(targets, np.concatenate(ensemble)[keep])
+        ensemble_predictions = np.concatenate(ensemble)[keep]
+        scores = M.cluster_metrics(targets, ensemble_predictions)
         rules["ensemble"] = scores["acc"]
         if saved.get("select") == "ensemble":
-            selected, handed_on = scores, np.concatenate(ensemble)[keep]
+            selected, handed_on = scores, ensemble_predictions
             confidence = np.concatenate(ensemble_confidence)[keep]
     # The pseudo-labels' quality, measured on the evaluation images (un-augmented; self-labelling thresholds a
     # teacher's weak views of the training images, so this is the closest labelled look at them).
@@ -142,9 +145,3 @@ def _score_scan_heads(cfg, ctx, targets, keep: np.ndarray) -> dict:
                                    cfg.num_clusters, ctx.eval_set.num_classes)
     return {"selected_head": best, "selected": selected, "acc_per_head": [h["acc"] for h in heads],
             "acc_by_rule": rules, **{f"confident_{key}": value for key, value in confident.items()}}
-
-
-def _max_probability(logits: np.ndarray) -> np.ndarray:
-    """Each row's largest softmax probability, [n], from logits [n, C]."""
-    z = np.asarray(logits, dtype=np.float64)
-    return 1.0 / np.exp(z - z.max(axis=1, keepdims=True)).sum(axis=1)
