@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import preemption, run_report
+from . import preemption, reproducibility, run_report
 from .config import Config, to_yaml
 from .context import RunContext
 from .distributed import comm
@@ -88,6 +88,9 @@ def _run_locked(cfg: Config, run_dir: Path, env, log) -> int:
              env.world_size, cfg.dist.backend)
     if cfg.run.tune_malloc and ctx.device.type == "cpu":
         log.info(tune_malloc())
+    switched = reproducibility.apply(cfg.run.deterministic)
+    if switched:
+        log.info(switched)
     preemption.install()  # USR2 / SIGTERM: the running stage checkpoints at its next read, then stops
     if not cfg.run.kernel_self_check:  # left unset, the environment decides (SCAN_DIST_KERNEL_SELF_CHECK)
         from . import kernels

@@ -29,7 +29,10 @@ class Preempted(ScanDistError):
 _state: dict = {"signal": None, "previous": {}, "in_loop": 0, "installed": False}
 
 
-def install(signals=(signal.SIGUSR2, signal.SIGTERM)) -> None:
+STOP_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+def install(signals=STOP_SIGNALS) -> None:
     """Route these signals through `_handler` (idempotent); remembers the handlers installed before."""
     if _state["installed"]:
         return
@@ -37,6 +40,19 @@ def install(signals=(signal.SIGUSR2, signal.SIGTERM)) -> None:
         _state["previous"][signum] = signal.getsignal(signum)
         signal.signal(signum, _handler)
     _state["installed"] = True
+
+
+def ignore_in_data_worker(_worker_id: int) -> None:
+    """DataLoader `worker_init_fn`: a data worker ignores the stop signals; the main process owns the stop.
+
+    Why: SLURM signals every process of a job step, and `timeout`, `kill -- -PGID` and a terminal's process group
+    do the same. A worker left to the default action dies first, and the main process then fails with "DataLoader
+    worker ... is killed by signal: Terminated" instead of checkpointing at the signal (seen on the H200 with 3
+    workers; README, "Reliability, fault by fault"). Ignoring it, the worker keeps serving batches until the main
+    process checkpoints and shuts the loader down; a worker whose main process is gone exits on its own (torch's
+    parent watchdog)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def uninstall() -> None:

@@ -173,3 +173,22 @@ def test_skipped_bad_files_are_black_and_counted(tmp_path):
     assert src.bad == broken
     views = torch.cat([b["views"][0] for b in batches])
     assert views[broken[0]].abs().max() == 0 and views.abs().sum() > 0
+
+
+def test_data_workers_outlive_the_stop_signals_so_the_main_process_can_checkpoint(arrays):
+    """SLURM, `timeout` and `kill -- -PGID` signal every process of the group: a worker must not die of SIGTERM or
+    USR2 first (the main process would then fail with "DataLoader worker ... killed by signal" instead of
+    checkpointing; seen on the H200). Without the worker_init_fn both workers are dead after the kill below."""
+    import os
+    import signal
+    import time
+
+    src = source(arrays, PRETEXT, workers=2, batch=4)
+    iterator = iter(src.loader)
+    next(iterator)
+    workers = list(iterator._workers)  # torch's worker processes (private attribute; only a test reads it)
+    for worker, signum in zip(workers, (signal.SIGTERM, signal.SIGUSR2)):
+        os.kill(worker.pid, signum)
+    time.sleep(1.0)
+    assert [worker.is_alive() for worker in workers] == [True, True]
+    assert len(list(iterator)) == len(src) - 1  # the rest of the epoch still arrives

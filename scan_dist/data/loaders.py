@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from .. import preemption
 from ..errors import DataError
 from .formats.reader import BadImage, Reader
 from .sampling import draws, epoch_order, rank_slice, steps_per_epoch, stream_key, uniform
@@ -228,6 +229,7 @@ class BatchSource:
         self.loader = DataLoader(builder, batch_size=None, sampler=sampler, num_workers=workers,
                                  pin_memory=settings.pin_memory, prefetch_factor=settings.prefetch if workers else None,
                                  persistent_workers=workers > 0,
+                                 worker_init_fn=preemption.ignore_in_data_worker if workers else None,
                                  generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
         self.wait_s = 0.0  # time spent waiting for (and finishing) batches in the consumer's thread
         self.bad: list[int] = []  # indices of skipped images (data.on_bad_image=skip) met so far

@@ -1,0 +1,56 @@
+"""run.deterministic: the process-wide switches it sets, and that it never re-runs a finished stage."""
+import os
+import subprocess
+import sys
+import textwrap
+
+from scan_dist import reproducibility
+from scan_dist.config import Config
+from scan_dist.pipeline import stage_hashes
+
+
+def _in_fresh_process(code: str, env: dict | None = None) -> str:
+    # The switches are process-wide: check them in a child so this test process stays as it was.
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **(env or {})})
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+def test_off_changes_nothing():
+    assert reproducibility.apply(False) is None
+    assert _in_fresh_process("""
+        import os, torch
+        os.environ.pop('CUBLAS_WORKSPACE_CONFIG', None)
+        from scan_dist import reproducibility
+        reproducibility.apply(False)
+        print(torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic,
+              'CUBLAS_WORKSPACE_CONFIG' in os.environ)
+    """).split() == ["False", "False", "False"]
+
+
+def test_on_sets_torch_cudnn_and_cublas():
+    line = _in_fresh_process("""
+        import os, torch
+        from scan_dist import reproducibility
+        msg = reproducibility.apply(True)
+        print(torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark,
+              os.environ['CUBLAS_WORKSPACE_CONFIG'], 'run.deterministic' in msg)
+    """)
+    assert line.split() == ["True", "True", "True", "False", ":4096:8", "True"]
+
+
+def test_a_users_cublas_setting_is_kept():
+    assert _in_fresh_process("""
+        import os
+        from scan_dist import reproducibility
+        reproducibility.apply(True)
+        print(os.environ['CUBLAS_WORKSPACE_CONFIG'])
+    """, env={"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == ":16:8"
+
+
+def test_switching_it_does_not_rerun_finished_stages():
+    on = Config()
+    on.run.deterministic = True
+    assert stage_hashes(on) == stage_hashes(Config())
