@@ -186,6 +186,8 @@ class RunConfig:
     monitor_labels: bool = False  # history: each SCAN/self-label epoch also scores the heads against the labels
     #                               (diagnostic only: training is bit-identical either way)
     tensorboard: bool = False  # also write the history's scalars to RUN_DIR/tb/ (needs `pip install -e .[tensorboard]`)
+    start_from: Optional[str] = None  # a run folder (or a --seeds folder: its seed<S>) whose finished stages with the
+    #                                   same settings are copied in first, so only what changed runs (run_fork.py)
     deterministic: bool = False  # CUDA: deterministic algorithms (cuDNN, cuBLAS, scatter), so a GPU run repeats
     #                               itself bit for bit, at some speed (reproducibility.py); CPU runs already do
     kernel_self_check: bool = True  # CUDA: check each Triton kernel against its torch reference at first use and

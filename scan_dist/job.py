@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from . import preemption, reproducibility, run_report
+from . import preemption, reproducibility, run_fork, run_report
 from .config import Config, to_yaml
 from .context import RunContext
 from .distributed import comm
@@ -86,6 +86,15 @@ def _run_locked(cfg: Config, run_dir: Path, env, log) -> int:
     ctx = RunContext(cfg, run_dir, log, env)
     log.info("run folder %s, preset %s, device %s, %d process(es), dist.backend=%s", run_dir, cfg.name, ctx.device,
              env.world_size, cfg.dist.backend)
+    refusal = None
+    if env.is_main:
+        try:
+            run_fork.copy_stages(cfg, run_dir, log)
+        except ConfigError as exc:
+            refusal = str(exc)
+    refusal = comm.broadcast_object(refusal)  # every rank plans after the copy, or stops with rank 0
+    if refusal:
+        raise ConfigError(refusal)
     if cfg.run.tune_malloc and ctx.device.type == "cpu":
         log.info(tune_malloc())
     switched = reproducibility.apply(cfg.run.deterministic)

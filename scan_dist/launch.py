@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from . import run_fork
 from .config import Config, available_presets, load_config, to_yaml
 from .context import RunContext
 from .distributed import env as dist_env
@@ -48,6 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--run-dir", type=Path, help="run folder (default: runs/<preset name>)")
     parser.add_argument("--resume", type=Path, metavar="RUN_DIR",
                         help="continue a run from its folder (its config.yaml; resubmitted if it was a --nodes run)")
+    parser.add_argument("--from", dest="start_from", type=Path, metavar="RUN_DIR",
+                        help="copy RUN_DIR's finished stages whose settings match (RUN_DIR/seed<S> with --seeds) into "
+                             "the run folder first, so only what the overrides change runs (run.start_from)")
     parser.add_argument("--wait", action="store_true", help="with --nodes: block until the job ends")
     parser.add_argument("--seeds", type=_seed_list, metavar="S,S,...",
                         help="one run per seed (run.seed=S) in <run dir>/seed<S>, then a mean ± std report of them "
@@ -55,6 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("preset", metavar="PRESET_OR_YAML", nargs="?", help="a preset name or a .yaml config file")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. scan.epochs=20")
     args = parser.parse_args(argv)
+    if args.start_from is not None:
+        args.overrides.append(f"run.start_from={args.start_from}")
     if args.resume is None and args.preset is None:
         parser.error("give a preset (or a YAML file), or --resume RUN_DIR")
     if args.seeds is not None and args.resume is not None:
@@ -135,12 +141,14 @@ def _main(args: argparse.Namespace) -> int:
     else:
         cfg = load_config(args.preset, args.overrides)
         run_dir = args.run_dir or Path("runs") / cfg.name
+    copies = run_fork.stages_to_copy(cfg, run_dir)  # also checks run.start_from before anything starts
     if args.nodes is not None:
         return _slurm(cfg, run_dir, args)
     if args.dry_run:
         print(to_yaml(cfg))
         print(f"run folder: {run_dir}")
-        stages = plan(cfg, run_dir)
+        source = run_fork.source_folder(cfg)
+        stages = [(name, f"copy from {source}" if name in copies else action) for name, action in plan(cfg, run_dir)]
         for stage, action in stages:
             print(f"  {stage:<10} {action}")
         gpu = cfg.run.device == "cuda" or (cfg.run.device == "auto" and torch.cuda.is_available())

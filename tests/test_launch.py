@@ -201,3 +201,11 @@ def test_seeds_errors_are_one_line(tmp_path):
         assert result.returncode == 2 and "--seeds" in result.stderr and "Traceback" not in result.stderr
     result = run_cli("--seeds", "1,2", "--resume", str(tmp_path))
     assert result.returncode == 2 and "rerun the same --seeds command" in result.stderr
+
+
+def test_from_is_run_start_from_and_a_bad_one_stops_before_anything(tmp_path, capsys):
+    from scan_dist.launch import parse_args
+
+    assert parse_args(["--from", "runs/a", "demo", "scan.lr=0.1"]).overrides == ["scan.lr=0.1", "run.start_from=runs/a"]
+    assert main(["--dry-run", "--from", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "b"), "smoke"]) == 2
+    assert "run.start_from=" in capsys.readouterr().err and not (tmp_path / "b").exists()  # refused before anything

@@ -67,6 +67,32 @@ def test_rerun_skips_finished_stages(smoke_run):
                                            "scan": "run", "selflabel": "run", "evaluate": "run"}
 
 
+def test_start_from_copies_the_matching_stages_and_runs_the_rest(smoke_run, tmp_path):
+    """--from: the same settings end with the source's metrics (only evaluate reran); a SCAN change copies pretext,
+    embed and mine and reruns SCAN onward; the same command again copies nothing and runs nothing."""
+    source, _ = smoke_run
+    same = tmp_path / "same"
+    result = launch(same, *FULL_SCAN, f"run.start_from={source}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "copied pretext, embed, mine, scan, selflabel from" in result.stderr
+    ours, theirs = (json.loads((d / "metrics.json").read_text()) for d in (same, source))
+    assert ours["final"] == theirs["final"]
+
+    changed = tmp_path / "changed"
+    result = launch(changed, *FULL_SCAN, "scan.entropy_weight=4", f"run.start_from={source}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "copied pretext, embed, mine from" in result.stderr and "stage scan: running" in result.stderr
+    assert "stage pretext: running" not in result.stderr
+    marker = json.loads((changed / "embed" / "DONE").read_text())
+    assert marker["copied_from"] == str(source / "embed")
+    assert all(path.startswith(str(changed)) for path in marker["artifacts"].values())
+    stages_in_history = {json.loads(line)["stage"] for line in (changed / "history.jsonl").read_text().splitlines()}
+    assert {"pretext", "scan", "selflabel"} <= stages_in_history  # the copied pretext's curve came along
+
+    again = launch(changed, *FULL_SCAN, "scan.entropy_weight=4", f"run.start_from={source}")
+    assert again.returncode == 0 and "no stage to copy" in again.stderr and ": running" not in again.stderr
+
+
 def test_sigkill_mid_scan_resumes_to_same_metrics(smoke_run, tmp_path):
     reference = json.loads((smoke_run[0] / "metrics.json").read_text())
     run_dir = tmp_path / "killed"
@@ -192,7 +218,8 @@ _INCLUDED = [("pretext", "pretext.lr=0.3"), ("pretext", "augment.crop_scale_min=
 _EXCLUDED = ["run.threads=1", "data.workers=0", "data.prefetch=5", "data.cache_dir=/x", "data.finish_on=device",
              "mine.backend=faiss", "mine.precision=fp16", "scan.loss_backend=torch", "run.progress=false",
              "run.eval_batch_size=64", "run.checkpoint_every_steps=3", "run.checkpoint_every_min=1",
-             "dist.timeout_s=30", "run.monitor_labels=true", "run.tensorboard=true", "run.kernel_self_check=false"]
+             "dist.timeout_s=30", "run.monitor_labels=true", "run.tensorboard=true", "run.kernel_self_check=false",
+             "run.deterministic=true", "run.start_from=/x"]
 
 
 @_pytest.mark.parametrize("stage, override", _INCLUDED, ids=[o for _, o in _INCLUDED])

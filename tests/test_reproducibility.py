@@ -1,12 +1,10 @@
-"""run.deterministic: the process-wide switches it sets, and that it never re-runs a finished stage."""
+"""run.deterministic: the process-wide switches it sets (that it reruns no stage: test_pipeline.py's _EXCLUDED)."""
 import os
 import subprocess
 import sys
 import textwrap
 
 from scan_dist import reproducibility
-from scan_dist.config import Config
-from scan_dist.pipeline import stage_hashes
 
 
 def _in_fresh_process(code: str, env: dict | None = None) -> str:
@@ -49,8 +47,3 @@ def test_a_users_cublas_setting_is_kept():
         print(os.environ['CUBLAS_WORKSPACE_CONFIG'])
     """, env={"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == ":16:8"
 
-
-def test_switching_it_does_not_rerun_finished_stages():
-    on = Config()
-    on.run.deterministic = True
-    assert stage_hashes(on) == stage_hashes(Config())
