@@ -166,6 +166,8 @@ def _main_seeds(args: argparse.Namespace) -> int:
     from . import report
 
     base = args.run_dir or Path("runs") / load_config(args.preset, args.overrides).name
+    for seed in args.seeds:  # every seed's source, checked before the first seed runs for hours
+        run_fork.source_folder(load_config(args.preset, [*args.overrides, f"run.seed={seed}"]))
     folders = []
     for seed in args.seeds:
         sub = argparse.Namespace(**{**vars(args), "seeds": None, "run_dir": base / f"seed{seed}",

@@ -49,7 +49,12 @@ def source_folder(cfg: Config) -> Path | None:
 def stages_to_copy(cfg: Config, run_dir: Path) -> list[str]:
     """The stages the next launch copies from the source: the source's leading stages whose hashes match, less those
     the run folder already has finished with the same hash."""
-    source = source_folder(cfg)
+    try:
+        source = source_folder(cfg)
+    except ConfigError:
+        if (Path(run_dir) / "config.yaml").is_file():  # a started run whose source is gone since: it goes on alone
+            return []
+        raise
     if source is None:
         return []
     if source.resolve() == Path(run_dir).resolve():
@@ -72,8 +77,8 @@ def copy_stages(cfg: Config, run_dir: Path, log) -> list[str]:
     names = stages_to_copy(cfg, run_dir)
     if not names:
         if cfg.run.start_from:
-            log.info("run.start_from=%s: no stage to copy (none matches this config, or all are here already)",
-                     cfg.run.start_from)
+            log.info("run.start_from=%s: no stage to copy (the folder is gone, none of its stages matches this "
+                     "config, or they are all here already)", cfg.run.start_from)
         return []
     source, run_dir = source_folder(cfg), Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

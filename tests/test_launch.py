@@ -209,3 +209,9 @@ def test_from_is_run_start_from_and_a_bad_one_stops_before_anything(tmp_path, ca
     assert parse_args(["--from", "runs/a", "demo", "scan.lr=0.1"]).overrides == ["scan.lr=0.1", "run.start_from=runs/a"]
     assert main(["--dry-run", "--from", str(tmp_path / "nowhere"), "--run-dir", str(tmp_path / "b"), "smoke"]) == 2
     assert "run.start_from=" in capsys.readouterr().err and not (tmp_path / "b").exists()  # refused before anything
+    # --seeds: every seed's source is checked before the first seed runs
+    (tmp_path / "seeds" / "seed0").mkdir(parents=True)
+    (tmp_path / "seeds" / "seed0" / "config.yaml").write_text("name: smoke\n")
+    assert main(["--dry-run", "--seeds", "0,1", "--from", str(tmp_path / "seeds"), "--run-dir", str(tmp_path / "c"),
+                 "smoke"]) == 2
+    assert "seed1/ for run.seed=1" in capsys.readouterr().err and not (tmp_path / "c").exists()

@@ -94,3 +94,8 @@ def test_errors_name_the_setting(tmp_path):
     with pytest.raises(ConfigError, match="is the run folder itself"):
         run_fork.stages_to_copy(cfg_from(source), source)
     assert run_fork.stages_to_copy(load_config("smoke"), tmp_path / "dst") == []  # not set: nothing to do
+
+
+def test_a_started_run_goes_on_when_its_source_is_gone(tmp_path):
+    started = fake_run(tmp_path / "dst", load_config("smoke"), done=["pretext"])
+    assert run_fork.copy_stages(cfg_from(tmp_path / "deleted"), started, LOG) == []
