@@ -63,19 +63,24 @@ def _run_rank(cfg: Config, run_dir: Path, env) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     log = setup_logging(run_dir, env.rank)
     lock = RunLock(run_dir, log)
-    refusal = None
-    if env.is_main:
-        try:
-            lock.acquire()
-        except ConfigError as exc:
-            refusal = str(exc)
-    refusal = comm.broadcast_object(refusal)  # every rank stops together when the folder is taken
-    if refusal:
-        raise ConfigError(refusal)
+    _on_main_rank(env, lock.acquire)  # every rank stops together when the folder is taken
     try:
         return _run_locked(cfg, run_dir, env, log)
     finally:
         lock.release()
+
+
+def _on_main_rank(env, action) -> None:
+    """Run `action` on rank 0 alone; a ConfigError it raises is raised on every rank (the others wait for it)."""
+    refusal = None
+    if env.is_main:
+        try:
+            action()
+        except ConfigError as exc:
+            refusal = str(exc)
+    refusal = comm.broadcast_object(refusal)
+    if refusal:
+        raise ConfigError(refusal)
 
 
 def _run_locked(cfg: Config, run_dir: Path, env, log) -> int:
@@ -86,15 +91,7 @@ def _run_locked(cfg: Config, run_dir: Path, env, log) -> int:
     ctx = RunContext(cfg, run_dir, log, env)
     log.info("run folder %s, preset %s, device %s, %d process(es), dist.backend=%s", run_dir, cfg.name, ctx.device,
              env.world_size, cfg.dist.backend)
-    refusal = None
-    if env.is_main:
-        try:
-            run_fork.copy_stages(cfg, run_dir, log)
-        except ConfigError as exc:
-            refusal = str(exc)
-    refusal = comm.broadcast_object(refusal)  # every rank plans after the copy, or stops with rank 0
-    if refusal:
-        raise ConfigError(refusal)
+    _on_main_rank(env, lambda: run_fork.copy_stages(cfg, run_dir, log))  # every rank plans after the copy
     if cfg.run.tune_malloc and ctx.device.type == "cpu":
         log.info(tune_malloc())
     switched = reproducibility.apply(cfg.run.deterministic)

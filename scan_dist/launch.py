@@ -147,7 +147,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg))
         print(f"run folder: {run_dir}")
-        source = run_fork.source_folder(cfg)
+        source = run_fork.source_folder(cfg) if copies else None
         stages = [(name, f"copy from {source}" if name in copies else action) for name, action in plan(cfg, run_dir)]
         for stage, action in stages:
             print(f"  {stage:<10} {action}")

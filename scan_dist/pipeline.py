@@ -114,12 +114,17 @@ def read_marker(run_dir: Path, stage: str) -> dict | None:
         return None
 
 
+def finished(run_dir: Path, stage: str, config_hash: str) -> bool:
+    """Whether the run folder holds this stage finished with exactly these settings (its DONE marker's hash)."""
+    marker = read_marker(run_dir, stage)
+    return marker is not None and marker.get("config_hash") == config_hash
+
+
 def plan(cfg: Config, run_dir: Path) -> list[tuple[str, str]]:
     """(stage, 'run' | 'skip (done)') for each active stage, as the next launch would do it."""
     hashes, rows, rerun = stage_hashes(cfg), [], False
     for name in active_stages(cfg):
-        marker = read_marker(run_dir, name)
-        done = not rerun and marker is not None and marker.get("config_hash") == hashes[name]
+        done = not rerun and finished(run_dir, name, hashes[name])
         rerun = rerun or not done
         rows.append((name, "skip (done)" if done else "run"))
     return rows

@@ -25,7 +25,7 @@ from .config import Config
 from .errors import ConfigError
 from .history import HISTORY_FILE, read_history
 from .io_utils import write_json, write_text
-from .pipeline import active_stages, read_marker, stage_hashes
+from .pipeline import active_stages, finished, stage_hashes
 
 NEVER_COPIED = ("evaluate",)
 
@@ -49,38 +49,38 @@ def source_folder(cfg: Config) -> Path | None:
 def stages_to_copy(cfg: Config, run_dir: Path) -> list[str]:
     """The stages the next launch copies from the source: the source's leading stages whose hashes match, less those
     the run folder already has finished with the same hash."""
+    return _source_and_stages(cfg, run_dir)[1]
+
+
+def _source_and_stages(cfg: Config, run_dir: Path) -> tuple[Path | None, list[str]]:
     try:
         source = source_folder(cfg)
     except ConfigError:
         if (Path(run_dir) / "config.yaml").is_file():  # a started run whose source is gone since: it goes on alone
-            return []
+            return None, []
         raise
     if source is None:
-        return []
+        return None, []
     if source.resolve() == Path(run_dir).resolve():
         raise ConfigError(f"run.start_from={cfg.run.start_from} is the run folder itself; give another --run-dir")
     hashes, chosen = stage_hashes(cfg), []
     for name in active_stages(cfg):
-        if name in NEVER_COPIED:
+        if name in NEVER_COPIED or not finished(source, name, hashes[name]):
             break
-        theirs = read_marker(source, name)
-        if theirs is None or theirs.get("config_hash") != hashes[name]:
-            break
-        ours = read_marker(run_dir, name)
-        if ours is None or ours.get("config_hash") != hashes[name]:
+        if not finished(run_dir, name, hashes[name]):
             chosen.append(name)
-    return chosen
+    return source, chosen
 
 
 def copy_stages(cfg: Config, run_dir: Path, log) -> list[str]:
     """Copy `stages_to_copy` into the run folder (rank 0, before the pipeline plans). Returns their names."""
-    names = stages_to_copy(cfg, run_dir)
+    source, names = _source_and_stages(cfg, run_dir)
     if not names:
         if cfg.run.start_from:
             log.info("run.start_from=%s: no stage to copy (the folder is gone, none of its stages matches this "
                      "config, or they are all here already)", cfg.run.start_from)
         return []
-    source, run_dir = source_folder(cfg), Path(run_dir)
+    run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         staging = run_dir / f".{name}.copying"  # a kill mid-copy leaves this, never a half-copied stage folder
