@@ -86,11 +86,20 @@ def add_budget_argument(parser) -> None:
                              "to fit, and what was cut is noted in the JSON (default: unlimited)")
 
 
+def _cpu_model() -> str:
+    try:  # gpu_check.sh may run the benchmarks from a link farm holding only the kernels
+        from scan_dist.reproducibility import cpu_model
+    except ImportError:
+        return platform.processor() or platform.machine() or "unknown"
+    return cpu_model()
+
+
 def environment(device: torch.device | str) -> dict:
     device = torch.device(device)
     info = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "device_type": device.type,
+        "cpu_model": _cpu_model(),
         "cpu_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "torch": torch.__version__,

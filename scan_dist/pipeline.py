@@ -19,50 +19,20 @@ from typing import Callable
 
 import torch
 
-from . import run_report
+from . import reproducibility, run_report
 from .config import Config, section_hash
 from .context import RunContext
 from .curves import write_curves_png
 from .data import sampling
 from .distributed import comm
 from .io_utils import write_json
+from .stage_keys import STAGE_KEYS, settings_of  # noqa: F401  (STAGE_KEYS: re-exported)
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
 
 
-# The settings that change each stage's result, by name. A stage's hash covers these (and its upstream stage's hash),
-# so changing one reruns the stage and everything after it; every other setting (threads, loader workers, progress
-# bars, checkpoint cadence, exact-search backends, the collective timeout, ...) never reruns anything. A "section.*"
-# entry takes the whole section; "-section.key" then leaves a key of it out. tests/test_pipeline.py checks both
-# directions, stage by stage.
-STAGE_KEYS: dict[str, tuple[str, ...]] = {
-    "pretext": ("data.*", "-data.workers", "-data.prefetch", "-data.cache_dir", "-data.finish_on",
-                "-data.max_eval_images", "augment.*", "model.*", "pretext.*", "run.seed", "dist.precision",
-                "dist.grad_clip", "dist.sync_batchnorm"),
-    "embed": ("mine.layer", "mine.grid", "data.max_eval_images"),
-    "mine": ("mine.*", "-mine.backend", "-mine.precision"),  # the k-NN is exact whichever backend finds it
-    "scan": ("scan.*", "-scan.loss_backend", "num_clusters", "dist.precision", "dist.grad_clip",
-             "dist.sync_batchnorm"),
-    "selflabel": ("selflabel.*", "dist.precision", "dist.grad_clip", "dist.sync_batchnorm"),
-    "evaluate": ("run.baseline",),
-}
-
-
 def stage_settings(cfg: Config, stage: str) -> dict:
-    """{dotted key: value} of the settings in STAGE_KEYS[stage]."""
-    tree = asdict(cfg)
-    chosen: dict = {}
-    for entry in STAGE_KEYS[stage]:
-        if entry.startswith("-"):
-            chosen.pop(entry[1:], None)
-        elif entry.endswith(".*"):
-            section = entry[:-2]
-            chosen.update({f"{section}.{key}": value for key, value in tree[section].items()})
-        else:
-            node = tree
-            for part in entry.split("."):
-                node = node[part]
-            chosen[entry] = node
-    return chosen
+    """{dotted key: value} of the settings in STAGE_KEYS[stage] (stage_keys.py: what changes the stage's result)."""
+    return settings_of(asdict(cfg), stage)
 
 
 STAGES: dict[str, Callable] = {
@@ -135,6 +105,7 @@ def run_pipeline(ctx: RunContext) -> dict:
     hashes = stage_hashes(cfg)
     seconds: dict[str, float] = {}
     stage_metrics: dict[str, dict] = {}
+    machines: dict[str, dict | None] = {}
     for name, action in comm.broadcast_object(plan(cfg, run_dir)):  # every rank follows rank 0's plan
         if action == "run":
             if ctx.is_main:
@@ -152,7 +123,8 @@ def run_pipeline(ctx: RunContext) -> dict:
             if ctx.is_main:
                 # DONE first: a kill between the two leaves a finished stage with a spare checkpoint, never a
                 # stage whose checkpoint is gone but which is not marked done.
-                write_json(run_dir / name / "DONE", {"config_hash": hashes[name], "seconds": elapsed, **result})
+                write_json(run_dir / name / "DONE", {"config_hash": hashes[name], "seconds": elapsed,
+                                                     "machine": reproducibility.machine(ctx.device), **result})
                 (run_dir / name / "checkpoint.pt").unlink(missing_ok=True)
                 shutil.rmtree(run_dir / name / "checkpoint_shards", ignore_errors=True)
             comm.barrier()
@@ -162,10 +134,11 @@ def run_pipeline(ctx: RunContext) -> dict:
         marker = read_marker(run_dir, name)
         seconds[name] = marker["seconds"]
         stage_metrics[name] = {"seconds": marker["seconds"], **marker.get("metrics", {})}
-    return summarize(ctx, seconds, stage_metrics)
+        machines[name] = marker.get("machine")  # None for a stage finished by an older version
+    return summarize(ctx, seconds, stage_metrics, machines)
 
 
-def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict) -> dict:
+def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict, machines: dict | None = None) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
     evaluation = stage_metrics["evaluate"]
     final = evaluation["final"]
@@ -177,6 +150,7 @@ def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict) -> dict:
         "seconds": {**seconds, "total": sum(seconds.values())},
         "preset": cfg.name,
         "world_size": comm.world_size(),
+        "machines": machines or {},  # per stage: where it ran (the same seed repeats only on the same kind)
     }
     if not ctx.is_main:
         return summary

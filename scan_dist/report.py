@@ -1,8 +1,10 @@
 """Compare finished runs with each other and with the SCAN paper: `python -m scan_dist.report RUN_DIR [...]`.
 
-Reads the run folders (``metrics.json`` and ``config.yaml``) and writes final ACC/NMI/ARI per (preset, K) as mean ±
-std over seeds next to the paper's numbers, accuracy and time per stage, an over-clustering table when one preset was
-run with several K, and bar / line plots. One run's own artifacts (its report.md, PNGs, tables) are
+Reads the run folders (``metrics.json`` and ``config.yaml``) and writes final ACC/NMI/ARI per setup as mean ± std
+over seeds next to the paper's numbers, accuracy and time per stage, an over-clustering table when one preset was
+run with several K, the changes against a reference setup paired by seed (an ablation table), and bar / line plots.
+A setup is a preset, K and every setting that changes a stage's result (stage_keys.py), so runs that differ only in
+threads, workers or the seed are one setup's seeds, and a run with ``mine.k=10`` is another setup. One run's own artifacts (its report.md, PNGs, tables) are
 `run_report.py`'s.
 """
 
@@ -16,6 +18,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .run_report import _md_table, _save_figure, atomic_write_text
+from .stage_keys import result_settings
 
 __all__ = ["PAPER_RESULTS", "ReportError", "format_comparison_md", "load_run", "main", "mean_std",
            "write_comparison_plots"]
@@ -63,6 +66,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     """The facts of one finished run that the comparison needs, as a flat dict (fractions, not percent).
 
     Keys: ``path``, ``label`` (folder name), ``preset``, ``num_clusters`` (K asked for, from config.yaml),
+    ``setup`` (dotted key -> value of every setting that changes a result, except the seed and K),
     ``seed``, ``acc``/``nmi``/``ari`` (final model), ``acc_many_to_one``, ``clusters_used`` (distinct predicted
     clusters), ``num_classes``, ``scan_acc`` (what the SCAN stage handed on without labels: a head or an ensemble,
     before self-labelling),
@@ -113,6 +117,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "preset": str(metrics.get("preset") or config.get("name") or path.resolve().name),
         "num_clusters": int(k) if k is not None else None,
         "seed": run_cfg.get("seed"),
+        "setup": _setup(config),
         "acc": _fraction(metrics.get("acc", final.get("acc"))),
         "nmi": _fraction(metrics.get("nmi", final.get("nmi"))),
         "ari": _fraction(metrics.get("ari", final.get("ari"))),
@@ -138,12 +143,57 @@ def mean_std(values: Sequence[Any]) -> tuple[float | None, float | None, int]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in present) / (n - 1)), n
 
 
-def group_runs(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, Any], list[Mapping[str, Any]]]:
-    """Runs keyed by (preset, num_clusters), in first-seen order; each group's runs are the seeds of one setup."""
-    groups: dict[tuple[str, Any], list[Mapping[str, Any]]] = {}
-    for run in runs:
-        groups.setdefault((run["preset"], run["num_clusters"]), []).append(run)
+def _setup(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The run's result-changing settings but the seed and K (K has its own column), from its config.yaml."""
+    setup = result_settings(config)
+    setup.pop("num_clusters", None)
+    return setup
+
+
+_UNSET = object()
+_MAX_SHOWN_CHANGES = 4
+
+
+def _canonical(value: Any) -> str:
+    import json
+
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _shown(value: Any) -> str:
+    if value is _UNSET:
+        return "(unset)"
+    return value if isinstance(value, str) else _canonical(value)
+
+
+def setup_change(reference: Mapping[str, Any], setup: Mapping[str, Any]) -> str:
+    """'mine.k=10 scan.epochs=30': the settings where ``setup`` differs from ``reference`` ('' when none)."""
+    changed = [key for key in sorted(set(reference) | set(setup))
+               if _canonical(reference.get(key, _UNSET)) != _canonical(setup.get(key, _UNSET))]
+    shown = " ".join(f"{key}={_shown(setup.get(key, _UNSET))}" for key in changed[:_MAX_SHOWN_CHANGES])
+    if len(changed) > _MAX_SHOWN_CHANGES:
+        shown += f" (+{len(changed) - _MAX_SHOWN_CHANGES} more)"
+    return shown
+
+
+def run_changes(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per run, how its setup differs from the first run of the same preset ('' for that reference setup)."""
+    references: dict[str, Mapping[str, Any]] = {}
+    return [setup_change(references.setdefault(run["preset"], run.get("setup", {})), run.get("setup", {}))
+            for run in runs]
+
+
+def group_runs(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, Any, str], list[Mapping[str, Any]]]:
+    """Runs keyed by (preset, num_clusters, change against the preset's first run), in first-seen order; each
+    group's runs are the seeds of one setup."""
+    groups: dict[tuple[str, Any, str], list[Mapping[str, Any]]] = {}
+    for run, change in zip(runs, run_changes(runs)):
+        groups.setdefault((run["preset"], run["num_clusters"], change), []).append(run)
     return groups
+
+
+def _setup_name(preset: str, change: str) -> str:
+    return f"{preset} {change}" if change else preset
 
 
 def _pm(values: Sequence[Any]) -> str:
@@ -190,6 +240,50 @@ def overclustering_datasets(runs: Sequence[Mapping[str, Any]]) -> dict[str, list
     return {preset: sorted(values) for preset, values in ks.items() if len(values) > 1}
 
 
+def _paired_changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[str, Any]]]) -> list[str]:
+    """The ablation table: each changed setup against its preset's reference setup at the same K, seed by seed.
+
+    Seeds pair runs that share everything upstream of the change (a `--from` run even shares the unchanged stages'
+    files), so the per-seed difference removes most of the seed-to-seed spread that a difference of two means
+    keeps. Empty when no group is a change of another.
+    """
+    rows = []
+    for (preset, k, change), members in groups.items():
+        reference = groups.get((preset, k, ""))
+        if not change or reference is None:
+            continue
+        by_seed = {r["seed"]: r for r in reference if r["seed"] is not None}
+        pairs = [(r, by_seed[r["seed"]]) for r in members if r["seed"] in by_seed]
+        final = [100 * (r["acc"] - ref["acc"]) for r, ref in pairs if r["acc"] is not None and ref["acc"] is not None]
+        scan = [100 * (r["scan_acc"] - ref["scan_acc"]) for r, ref in pairs
+                if r["scan_acc"] is not None and ref["scan_acc"] is not None]
+        seconds = [r["seconds"]["total"] - ref["seconds"]["total"] for r, ref in pairs
+                   if "total" in r["seconds"] and "total" in ref["seconds"]]
+        rows.append([preset, _DASH if k is None else k, change, len(pairs),
+                     _seeds([r for r, _ in pairs]) or _DASH, _points(scan), _points(final),
+                     ", ".join(f"{d:+.1f}" for d in final) or _DASH,
+                     f"{sum(d > 0 for d in final)} of {len(final)}" if final else _DASH,
+                     f"{sum(seconds) / len(seconds):+.0f}" if seconds else _DASH])
+    if not rows:
+        return []
+    lines = ["", "## Changes against the reference setup, paired by seed", ""]
+    lines += _md_table(["Preset", "K", "Change", "n", "Seeds", "Δ SCAN stage ACC", "Δ final ACC", "Δ final, per seed",
+                        "Better in", "Δ time (s)"], rows, "lrlrlrrlrr")
+    lines += ["", "Reference: the first run of the preset in the command line and every seed of its setup. Δ = "
+              "change − reference on the same seed, in points: mean ± sample std over the paired seeds (seeds "
+              "without a reference run are left out). Better in: seeds where the change's final ACC is higher. "
+              "Δ time: the whole run's seconds, stages copied by --from counted at their source's time."]
+    return lines
+
+
+def _points(values: Sequence[float]) -> str:
+    """'+1.2 ± 0.8' (points) over the values, '+1.2' for one, '—' for none."""
+    mean, std, n = mean_std(values)
+    if n == 0:
+        return _DASH
+    return f"{mean:+.1f}" if std is None else f"{mean:+.1f} ± {std:.1f}"
+
+
 def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str | os.PathLike] = (),
                          relative_to: str | os.PathLike | None = None) -> str:
     """The Markdown comparison: results vs the paper, per-stage accuracy and time, and the unknown-K table.
@@ -208,27 +302,29 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
 
     lines += ["## Final results vs the paper", ""]
     rows = []
-    for (preset, k), members in groups.items():
+    for (preset, k, change), members in groups.items():
         ours = {key: mean_std([r[key] for r in members]) for key in _COMPARE_KEYS}
         paper = _paper_row(preset, k)
         diffs = [_signed(100 * ours[key][0] - paper[i] if paper and ours[key][0] is not None else None)
                  for i, key in enumerate(_COMPARE_KEYS)]
-        rows.append([preset, _DASH if k is None else k, len(members), _seeds(members),
+        rows.append([_setup_name(preset, change), _DASH if k is None else k, len(members), _seeds(members),
                      *(_pm([r[key] for r in members]) for key in _COMPARE_KEYS),
                      *((f"{v:.1f}" for v in paper) if paper else [_DASH] * 3), *diffs])
     lines += _md_table(["Preset", "K", "n", "Seeds", "ACC", "NMI", "ARI", "Paper ACC", "Paper NMI", "Paper ARI",
                         "Δ ACC", "Δ NMI", "Δ ARI"], rows, "lrrlrrrrrrrrr")
-    lines += ["", "Percent; mean ± sample std (ddof = 1) over the n runs of a (preset, K) group. Paper: SCAN + "
+    lines += ["", "Percent; mean ± sample std (ddof = 1) over the n runs (seeds) of a setup: a preset, K and the "
+              "settings that change a result; a setup that differs from its preset's first one names the settings "
+              "it changes. Paper: SCAN + "
               "self-labelling, the best runs in the authors' README model zoo, shown only where K equals the "
               "paper's K; Δ = ours − paper in points."]
 
     lines += ["", "## Per stage, mean ± std over seeds", ""]
     rows = []
-    for (preset, k), members in groups.items():
+    for (preset, k, change), members in groups.items():
         gains = [r["acc"] - r["scan_acc"] for r in members
                  if r["selflabel"] and r["acc"] is not None and r["scan_acc"] is not None]
         gain_mean, gain_std, _ = mean_std(gains)
-        rows.append([preset, _DASH if k is None else k, len(members), _seeds(members),
+        rows.append([_setup_name(preset, change), _DASH if k is None else k, len(members), _seeds(members),
                      _pm([r["kmeans_acc"] for r in members]), _pm([r["scan_acc"] for r in members]),
                      _pm([r["acc"] for r in members]),
                      _DASH if gain_mean is None else (f"{100 * gain_mean:+.1f}" if gain_std is None
@@ -239,16 +335,18 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
     lines += ["", "ACC in percent; mean ± sample std over the group's runs. SCAN stage: the clustering the SCAN stage "
               "hands on (scan.select: a head or an ensemble of heads); Self-label Δ: Final − SCAN stage, in points."]
 
+    lines += _paired_changes_md(groups)
+
     lines += ["", "## Per stage", ""]
     stage_names = _stage_order(runs)
     rows = []
-    for run in runs:
+    for run, change in zip(runs, run_changes(runs)):
         gain = (100 * (run["acc"] - run["scan_acc"]) if run["selflabel"] and run["acc"] is not None
                 and run["scan_acc"] is not None else None)
         paper_scan = _paper_row(run["preset"], run["num_clusters"], "scan")
         secs = run["seconds"]
         total = secs.get("total", sum(v for s, v in secs.items() if s != "total"))
-        rows.append([run["label"], run["preset"], _DASH if run["num_clusters"] is None else run["num_clusters"],
+        rows.append([run["label"], _setup_name(run["preset"], change), _DASH if run["num_clusters"] is None else run["num_clusters"],
                      "?" if run["seed"] is None else run["seed"], _pct_or_dash(run["kmeans_acc"]),
                      _pct_or_dash(run["scan_acc"]), _pct_or_dash(run["acc"]), _signed(gain),
                      f"{paper_scan[0]:.1f}" if paper_scan else _DASH,
@@ -265,15 +363,17 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
     if multi_k:
         lines += ["", "## Overclustering / unknown K", ""]
         rows = []
-        for preset, ks in multi_k.items():
-            for k in ks:
-                members = groups[(preset, k)]
-                classes = sorted({r["num_classes"] for r in members if r["num_classes"] is not None})
-                used = mean_std([r["clusters_used"] for r in members])[0]
-                rows.append([preset, k, len(members), ", ".join(map(str, classes)) or _DASH,
-                             _DASH if used is None else f"{used:.1f}".rstrip("0").rstrip("."),
-                             _pm([r["acc"] for r in members]), _pm([r["acc_many_to_one"] for r in members]),
-                             _pm([r["nmi"] for r in members])])
+        presets = list(multi_k)
+        chosen = sorted((key for key in groups if key[0] in multi_k and key[1] is not None),
+                        key=lambda key: (presets.index(key[0]), key[2], key[1]))  # per setup, K ascending
+        for preset, k, change in chosen:
+            members = groups[(preset, k, change)]
+            classes = sorted({r["num_classes"] for r in members if r["num_classes"] is not None})
+            used = mean_std([r["clusters_used"] for r in members])[0]
+            rows.append([_setup_name(preset, change), k, len(members), ", ".join(map(str, classes)) or _DASH,
+                         _DASH if used is None else f"{used:.1f}".rstrip("0").rstrip("."),
+                         _pm([r["acc"] for r in members]), _pm([r["acc_many_to_one"] for r in members]),
+                         _pm([r["nmi"] for r in members])])
         lines += _md_table(["Preset", "K", "n", "Classes", "Clusters used", "Hungarian ACC", "Many-to-one ACC",
                             "NMI"], rows, "lrrrrrrr")
         lines += ["", "Hungarian ACC: one-to-one matching of the rectangular [K, classes] contingency matrix, so for "
@@ -333,13 +433,14 @@ def write_acc_vs_k_png(path: str | os.PathLike, preset: str, runs: Sequence[Mapp
     """Hungarian ACC, many-to-one ACC and NMI (mean ± std over seeds) against K for one preset's runs."""
     from matplotlib.figure import Figure
 
-    groups = group_runs([r for r in runs if r["preset"] == preset and r["num_clusters"] is not None])
-    ks = sorted(k for _, k in groups)
+    groups = {k: members for (p, k, change), members in group_runs(runs).items()
+              if p == preset and k is not None and not change}  # the preset's reference setup at each K
+    ks = sorted(groups)
     fig = Figure(figsize=(6.0, 4.2), dpi=100)
     ax = fig.add_subplot(1, 1, 1)
     for label, key, marker in (("Hungarian ACC", "acc", "o"), ("many-to-one ACC", "acc_many_to_one", "s"),
                                ("NMI", "nmi", "^")):
-        stats = [mean_std([r[key] for r in groups[(preset, k)]]) for k in ks]
+        stats = [mean_std([r[key] for r in groups[k]]) for k in ks]
         points = [(k, m, s) for k, (m, s, _) in zip(ks, stats) if m is not None]
         if points:
             ax.errorbar([p[0] for p in points], [100 * p[1] for p in points],

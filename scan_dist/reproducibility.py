@@ -9,10 +9,16 @@ has no deterministic CUDA implementation warns once, naming itself, instead of s
 user sees what still varies. The project's own Triton kernels reduce in a fixed order either way.
 
 It is not part of any stage's config hash: it changes how reproducible a stage is, not what it computes.
+
+`machine()` names what a stage's float results depend on beyond its settings (processor or GPU, threads, torch
+build); every stage's `DONE` marker and `metrics.json` (`machines`) keep it. The same seed gives the same digits
+only on the same kind of machine: the demo's seed 0 ended 74.14 on one 2-core VM and 71.38 on an AMD EPYC one
+(README, seventh pass), with identical code.
 """
 from __future__ import annotations
 
 import os
+import platform
 
 import torch
 
@@ -32,3 +38,26 @@ def apply(deterministic: bool) -> str | None:
     torch.backends.cudnn.benchmark = False
     return (f"run.deterministic: deterministic algorithms on (cuDNN deterministic, cuBLAS workspace "
             f"{os.environ['CUBLAS_WORKSPACE_CONFIG']}); an operation without one warns by name")
+
+
+def cpu_model() -> str:
+    """The processor's model name (/proc/cpuinfo on Linux), else what the platform module knows."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                if line.startswith("model name") and ":" in line:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def machine(device: torch.device | str | None = None) -> dict:
+    """What a stage's float results depend on beyond its settings, for its DONE marker and metrics.json."""
+    info = {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from scan_dist.config import load_config
 from scan_dist.pipeline import plan
@@ -48,6 +49,11 @@ def test_artifacts_and_metrics(smoke_run):
     assert metrics["acc"] > 0.2
     assert set(metrics["stages"]) == {"pretext", "embed", "mine", "scan", "selflabel", "evaluate"}
     assert all(metrics["stages"][s]["seconds"] > 0 for s in metrics["stages"])
+    # where each stage ran, in metrics.json and in its DONE marker (the same seed repeats only on the same kind)
+    assert set(metrics["machines"]) == set(metrics["stages"])
+    for stage, machine in metrics["machines"].items():
+        assert machine["cpu"] and machine["threads"] >= 1 and machine["torch"] == torch.__version__, machine
+        assert json.loads((run_dir / stage / "DONE").read_text())["machine"] == machine
     assert metrics["baseline_kmeans_pixels"]["acc"] > 0.3
     rows = (run_dir / "assignments.csv").read_text().splitlines()
     assert rows[0] == "index,cluster,confidence" and len(rows) == 1 + 1000

@@ -207,12 +207,12 @@ def _scores(acc, nmi, ari, m2o, clusters, classes=10):
 
 
 def _fake_run(root, name, preset="cifar10", k=10, seed=0, acc=0.8, nmi=0.7, ari=0.6, m2o=0.81, scan_acc=0.75,
-              selflabel=True, kmeans_acc=0.22):
+              selflabel=True, kmeans_acc=0.22, threads=2, mine_k=None, scan_seconds=30.0):
     """A run folder shaped like pipeline.summarize's metrics.json and the launcher's config.yaml."""
     run = root / name
     run.mkdir(parents=True)
     final = _scores(acc, nmi, ari, m2o, k)
-    seconds = {"pretext": 100.0 + seed, "embed": 5.0, "mine": 2.0, "scan": 30.0}
+    seconds = {"pretext": 100.0 + seed, "embed": 5.0, "mine": 2.0, "scan": scan_seconds}
     if selflabel:
         seconds["selflabel"] = 40.0
     seconds["evaluate"] = 3.0
@@ -226,7 +226,8 @@ def _fake_run(root, name, preset="cifar10", k=10, seed=0, acc=0.8, nmi=0.7, ari=
                "seconds": {**seconds, "total": sum(seconds.values())}, "preset": preset, "world_size": 1}
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "config.yaml").write_text(f"# git commit: abc\nname: {preset}\nnum_clusters: {k}\n"
-                                     f"data:\n  path: data/x\nrun:\n  seed: {seed}\n  threads: 2\n")
+                                     f"data:\n  path: data/x\nrun:\n  seed: {seed}\n  threads: {threads}\n"
+                                     + ("" if mine_k is None else f"mine:\n  k: {mine_k}\n  backend: auto\n"))
     return run
 
 
@@ -335,3 +336,36 @@ def test_comparison_module_exit_code(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [f"scan_dist.report: error: run folder not found: {tmp_path / 'nope'}"]
+
+
+def test_setups_group_by_result_settings_and_changes_pair_by_seed(tmp_path):
+    """Runs that differ only in threads are one setup's seeds; a run with another mine.k is another setup, named by
+    the setting it changes, and the ablation table pairs it with the reference seed by seed."""
+    root = tmp_path / "runs"
+    reference = [_fake_run(root, "ref_s0", seed=0, acc=0.70, scan_acc=0.69, mine_k=20),
+                 _fake_run(root, "ref_s1", seed=1, acc=0.74, scan_acc=0.72, mine_k=20, threads=8),
+                 _fake_run(root, "ref_s2", seed=2, acc=0.72, scan_acc=0.71, mine_k=20)]
+    changed = [_fake_run(root, "k10_s0", seed=0, acc=0.73, scan_acc=0.71, mine_k=10, scan_seconds=40.0),
+               _fake_run(root, "k10_s1", seed=1, acc=0.73, scan_acc=0.74, mine_k=10, scan_seconds=40.0),
+               _fake_run(root, "k10_s7", seed=7, acc=0.99, scan_acc=0.99, mine_k=10)]  # no reference: unpaired
+    runs = [load_run(p) for p in reference + changed]
+    assert runs[0]["setup"]["mine.k"] == 20 and "mine.backend" not in runs[0]["setup"]  # not a result setting
+    assert "run.threads" not in runs[0]["setup"] and "run.seed" not in runs[0]["setup"]
+    text = format_comparison_md(runs)
+    # two setups, not one group of six runs: threads=8 is a seed of the reference
+    assert "| cifar10 | 10 | 3 | 0, 1, 2 | 72.0 ± 2.0 |" in text
+    assert "| cifar10 mine.k=10 | 10 | 3 | 0, 1, 7 | 81.7 ± 15.0 |" in text
+    # paired: seeds 0 and 1 only; final +3.0 and -1.0, SCAN stage +2.0 and +2.0; 10 s more per run
+    assert "## Changes against the reference setup, paired by seed" in text
+    assert ("| cifar10 | 10 | mine.k=10 | 2 | 0, 1 | +2.0 ± 0.0 | +1.0 ± 2.8 | +3.0, -1.0 | 1 of 2 | +10 |"
+            in text)
+    assert "| k10_s1 | cifar10 mine.k=10 | 10 | 1 |" in text and "| ref_s1 | cifar10 | 10 | 1 |" in text
+
+
+def test_one_setup_has_no_ablation_table_and_a_missing_key_is_unset(tmp_path, fake_runs):
+    assert "paired by seed" not in format_comparison_md([load_run(p) for p in fake_runs])
+    old = load_run(_fake_run(tmp_path, "old", seed=0))  # a config.yaml without the mine section
+    new = load_run(_fake_run(tmp_path, "new", seed=0, acc=0.9, mine_k=10))
+    text = format_comparison_md([new, old])
+    assert "| cifar10 mine.k=(unset) | 10 | 1 | 0 |" in text
+    assert "| cifar10 | 10 | mine.k=(unset) | 1 | 0 | +0.0 | -10.0 | -10.0 | 0 of 1 | +0 |" in text

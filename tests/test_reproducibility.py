@@ -4,6 +4,8 @@ import subprocess
 import sys
 import textwrap
 
+import torch
+
 from scan_dist import reproducibility
 
 
@@ -47,3 +49,16 @@ def test_a_users_cublas_setting_is_kept():
         print(os.environ['CUBLAS_WORKSPACE_CONFIG'])
     """, env={"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == ":16:8"
 
+
+
+def test_machine_names_the_processor_threads_and_torch_build(monkeypatch):
+    info = reproducibility.machine("cpu")
+    assert info["cpu"] == reproducibility.cpu_model() and info["cpu"] != ""
+    assert info["threads"] == torch.get_num_threads() and info["torch"] == torch.__version__
+    assert "gpu" not in info  # a CPU stage names no GPU
+    if os.path.isfile("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        if names:
+            assert info["cpu"] == names[0]
+    monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
+    assert reproducibility.cpu_model()  # falls back to the platform module, never fails
