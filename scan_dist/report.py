@@ -4,8 +4,8 @@ Reads the run folders (``metrics.json`` and ``config.yaml``) and writes final AC
 over seeds next to the paper's numbers, accuracy and time per stage, an over-clustering table when one preset was
 run with several K, the changes against a reference setup paired by seed (an ablation table), and bar / line plots.
 A setup is a preset, K and every setting that changes a stage's result (stage_keys.py), so runs that differ only in
-threads, workers or the seed are one setup's seeds, and a run with ``mine.k=10`` is another setup. One run's own artifacts (its report.md, PNGs, tables) are
-`run_report.py`'s.
+threads, workers or the seed are one setup's seeds, and a run with ``mine.k=10`` is another setup. One run's own
+artifacts (its report.md, PNGs, tables) are `run_report.py`'s.
 """
 
 from __future__ import annotations
@@ -267,8 +267,8 @@ def _paired_changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[st
     if not rows:
         return []
     lines = ["", "## Changes against the reference setup, paired by seed", ""]
-    lines += _md_table(["Preset", "K", "Change", "n", "Seeds", "Δ SCAN stage ACC", "Δ final ACC", "Δ final, per seed",
-                        "Better in", "Δ time (s)"], rows, "lrlrlrrlrr")
+    lines += _md_table(["Preset", "K", "Change", "n", "Seeds", "Δ SCAN stage ACC", "Δ final ACC",
+                        "Δ final, per seed", "Better in", "Δ time (s)"], rows, "lrlrlrrlrr")
     lines += ["", "Reference: the first run of the preset in the command line and every seed of its setup. Δ = "
               "change − reference on the same seed, in points: mean ± sample std over the paired seeds (seeds "
               "without a reference run are left out). Better in: seeds where the change's final ACC is higher. "
@@ -346,7 +346,8 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
         paper_scan = _paper_row(run["preset"], run["num_clusters"], "scan")
         secs = run["seconds"]
         total = secs.get("total", sum(v for s, v in secs.items() if s != "total"))
-        rows.append([run["label"], _setup_name(run["preset"], change), _DASH if run["num_clusters"] is None else run["num_clusters"],
+        rows.append([run["label"], _setup_name(run["preset"], change),
+                     _DASH if run["num_clusters"] is None else run["num_clusters"],
                      "?" if run["seed"] is None else run["seed"], _pct_or_dash(run["kmeans_acc"]),
                      _pct_or_dash(run["scan_acc"]), _pct_or_dash(run["acc"]), _signed(gain),
                      f"{paper_scan[0]:.1f}" if paper_scan else _DASH,
