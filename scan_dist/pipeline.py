@@ -26,12 +26,12 @@ from .curves import write_curves_png
 from .data import sampling
 from .distributed import comm
 from .io_utils import write_json
-from .stage_keys import STAGE_KEYS, settings_of  # noqa: F401  (STAGE_KEYS: re-exported)
+from .stage_keys import settings_of
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
 
 
 def stage_settings(cfg: Config, stage: str) -> dict:
-    """{dotted key: value} of the settings in STAGE_KEYS[stage] (stage_keys.py: what changes the stage's result)."""
+    """{dotted key: value} of the settings in stage_keys.STAGE_KEYS[stage]: what changes the stage's result."""
     return settings_of(asdict(cfg), stage)
 
 
@@ -138,7 +138,7 @@ def run_pipeline(ctx: RunContext) -> dict:
     return summarize(ctx, seconds, stage_metrics, machines)
 
 
-def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict, machines: dict | None = None) -> dict:
+def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict, machines: dict) -> dict:
     cfg, run_dir = ctx.cfg, ctx.run_dir
     evaluation = stage_metrics["evaluate"]
     final = evaluation["final"]
@@ -150,7 +150,7 @@ def summarize(ctx: RunContext, seconds: dict, stage_metrics: dict, machines: dic
         "seconds": {**seconds, "total": sum(seconds.values())},
         "preset": cfg.name,
         "world_size": comm.world_size(),
-        "machines": machines or {},  # per stage: where it ran (the same seed repeats only on the same kind)
+        "machines": machines,  # per stage: where it ran (the same seed repeats only on the same kind)
     }
     if not ctx.is_main:
         return summary

@@ -10,6 +10,7 @@ artifacts (its report.md, PNGs, tables) are `run_report.py`'s.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -73,8 +74,6 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     ``selflabel`` (whether that stage ran), ``kmeans_acc`` (the k-means-on-pixels baseline) and ``seconds``
     (stage -> seconds, with ``total``). Raises :class:`ReportError` for a folder that is not a finished run.
     """
-    import json
-
     import yaml
 
     path = Path(run_dir)
@@ -155,8 +154,6 @@ _MAX_SHOWN_CHANGES = 4
 
 
 def _canonical(value: Any) -> str:
-    import json
-
     return json.dumps(value, sort_keys=True, default=str)
 
 
