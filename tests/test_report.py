@@ -357,8 +357,9 @@ def test_setups_group_by_result_settings_and_changes_pair_by_seed(tmp_path):
     assert "| cifar10 mine.k=10 | 10 | 3 | 0, 1, 7 | 81.7 ± 15.0 |" in text
     # paired: seeds 0 and 1 only; final +3.0 and -1.0, SCAN stage +2.0 and +2.0; 10 s more per run
     assert "## Changes against the reference setup, paired by seed" in text
-    assert ("| cifar10 | 10 | mine.k=10 | 2 | 0, 1 | +2.0 ± 0.0 | +1.0 ± 2.8 | +3.0, -1.0 | 1 of 2 | +10 |"
-            in text)
+    # the 95 % interval: 1.0 ± t(0.975, 1) · 2.83 / √2 = 1.0 ± 12.71 · 2.0
+    assert ("| cifar10 | 10 | mine.k=10 | 2 | 0, 1 | +2.0 ± 0.0 | +1.0 ± 2.8 | [-24.4, +26.4] | +3.0, -1.0 | 1 of 2 "
+            "| +10 |" in text)
     assert "| k10_s1 | cifar10 mine.k=10 | 10 | 1 |" in text and "| ref_s1 | cifar10 | 10 | 1 |" in text
 
 
@@ -368,4 +369,4 @@ def test_one_setup_has_no_ablation_table_and_a_missing_key_is_unset(tmp_path, fa
     new = load_run(_fake_run(tmp_path, "new", seed=0, acc=0.9, mine_k=10))
     text = format_comparison_md([new, old])
     assert "| cifar10 mine.k=(unset) | 10 | 1 | 0 |" in text
-    assert "| cifar10 | 10 | mine.k=(unset) | 1 | 0 | +0.0 | -10.0 | -10.0 | 0 of 1 | +0 |" in text
+    assert "| cifar10 | 10 | mine.k=(unset) | 1 | 0 | +0.0 | -10.0 | — | -10.0 | 0 of 1 | +0 |" in text
