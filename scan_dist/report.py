@@ -268,8 +268,9 @@ def _paired_changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[st
                         "95 % interval", "Δ final, per seed", "Better in", "Δ time (s)"], rows, "lrlrlrrrlrr")
     lines += ["", "Reference: the first run of the preset in the command line and every seed of its setup. Δ = "
               "change − reference on the same seed, in points: mean ± sample std over the paired seeds (seeds "
-              "without a reference run are left out). 95 % interval: Student's t interval of the mean Δ final over the "
-              "paired seeds; a change whose interval holds 0 is not shown to help or hurt. Better in: seeds where the change's final ACC is higher. "
+              "without a reference run are left out). 95 % interval: Student's t interval of the mean Δ final over "
+              "the paired seeds; a change whose interval holds 0 is not shown to help or hurt. Better in: seeds "
+              "where the change's final ACC is higher. "
               "Δ time: the whole run's seconds, stages copied by --from counted at their source's time."]
     return lines
 
