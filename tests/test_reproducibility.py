@@ -50,14 +50,14 @@ def test_a_users_cublas_setting_is_kept():
     """, env={"CUBLAS_WORKSPACE_CONFIG": ":16:8"}) == ":16:8"
 
 
-
 def test_machine_names_the_processor_threads_and_torch_build(monkeypatch):
     info = reproducibility.machine("cpu")
     assert info["cpu"] == reproducibility.cpu_model() and info["cpu"] != ""
     assert info["threads"] == torch.get_num_threads() and info["torch"] == torch.__version__
     assert "gpu" not in info  # a CPU stage names no GPU
     if os.path.isfile("/proc/cpuinfo"):
-        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        with open("/proc/cpuinfo") as cpuinfo:
+            names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
         if names:
             assert info["cpu"] == names[0]
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
