@@ -15,12 +15,13 @@ Labels are read here, for the diagnostic only; no stage reads them before evalua
 
 Usage::
 
-    python benchmarks/neighbour_spaces.py runs/seeds/seed0 runs/seeds/seed1   # ~4 min per run on 2 cores
+    python benchmarks/neighbour_spaces.py runs/seeds/seed0 runs/seeds/seed1   # ~6 min per run on 2 cores
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scan_dist.config import load_config  # noqa: E402
-from scan_dist.data.formats import open_dataset  # noqa: E402
+from scan_dist.context import RunContext  # noqa: E402
 from scan_dist.io_utils import load_torch  # noqa: E402
 from scan_dist.metrics import neighbor_agreement  # noqa: E402
 from scan_dist.models.mined_space import SCALE  # noqa: E402
@@ -62,11 +63,8 @@ def measure(run: Path, k: int | None) -> dict:
     cfg = load_config(str(run / "config.yaml"))
     if cfg.scan.features != "mined":
         raise SystemExit(f"{run}: scan.features={cfg.scan.features}; this diagnostic reads heads on the mined space")
-    data = cfg.data
-    targets = open_dataset(data.path, "train", fmt=data.format, image_size=data.image_size,
-                           resize_size=data.resize_size, channels=data.channels, subset=data.subset,
-                           include_unlabeled=data.include_unlabeled, max_images=data.max_images,
-                           seed=cfg.run.seed, cache_dir=data.cache_dir).targets
+    # the stages' own reader of the training split (same subset, format detection and listing as the run)
+    targets = RunContext(cfg, run, logging.getLogger("neighbour_spaces")).train_set.targets
     mined_nn = np.load(run / "mine" / "train_neighbors.npy", mmap_mode="r")
     k = k or mined_nn.shape[1]
     space = torch.from_numpy(np.load(run / "mine" / "train_space.npy"))
