@@ -23,12 +23,16 @@ from .errors import ConfigError
 from .host_memory import tune_malloc
 from .io_utils import write_text
 from .logs import setup_logging
-from .pipeline import run_pipeline
+from .pipeline import run_pipeline, upgrade_legacy_markers
 from .run_lock import RunLock
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:
-    """The resolved config, headed by the git commit, as the run folder's config.yaml (read back by --resume)."""
+    """The resolved config, headed by the git commit, as the run folder's config.yaml (read back by --resume).
+
+    The config it replaces is what vouches for DONE markers an older version wrote (pipeline.accepted_hashes), so
+    those markers are first brought to today's hashes."""
+    upgrade_legacy_markers(run_dir)
     commit = git_commit()
     write_text(run_dir / "config.yaml", (f"# git commit: {commit}\n" if commit else "") + to_yaml(cfg))
 

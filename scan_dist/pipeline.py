@@ -20,19 +20,15 @@ from typing import Callable
 import torch
 
 from . import reproducibility, run_report
-from .config import Config, section_hash
+from .config import Config, load_config, section_hash
+from .errors import ConfigError
 from .context import RunContext
 from .curves import write_curves_png
 from .data import sampling
 from .distributed import comm
 from .io_utils import write_json
-from .stage_keys import settings_of
+from .stage_keys import LEGACY_STAGE_KEYS, STAGE_KEYS, settings_of
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
-
-
-def stage_settings(cfg: Config, stage: str) -> dict:
-    """{dotted key: value} of the settings in stage_keys.STAGE_KEYS[stage]: what changes the stage's result."""
-    return settings_of(asdict(cfg), stage)
 
 
 STAGES: dict[str, Callable] = {
@@ -56,11 +52,59 @@ STAGE_ARTIFACTS = {
 }
 
 
-def stage_hashes(cfg: Config) -> dict[str, str]:
-    hashes, upstream = {}, ""
+def stage_hashes(cfg: Config, table=None) -> dict[str, str]:
+    """Each stage's hash: its settings (stage_keys.STAGE_KEYS, or `table`) and the hash of the stage before it."""
+    tree, hashes, upstream = asdict(cfg), {}, ""
     for name in STAGES:  # run.seed is in pretext's keys, so every hash carries it
-        upstream = hashes[name] = section_hash(name, sorted(stage_settings(cfg, name).items()), upstream)
+        settings = settings_of(tree, name, table or STAGE_KEYS)
+        upstream = hashes[name] = section_hash(name, sorted(settings.items()), upstream)
     return hashes
+
+
+def accepted_hashes(cfg: Config, folder: Path) -> dict[str, tuple[str, ...]]:
+    """The DONE-marker hashes in `folder` that count as finished with `cfg`, per stage.
+
+    Today's hash; and the hash a version before the augmentation split (stage_keys.LEGACY_STAGE_KEYS) wrote for the
+    same settings: that of `cfg` itself, and that of the folder's own config.yaml when its settings for the stage
+    are today's (so `--from` an older run honours the split: a strong-view change copies its SimCLR stage). Legacy
+    keys cover every setting today's do, upstream included, so a legacy match never keeps a stage that changed."""
+    current, legacy = stage_hashes(cfg), stage_hashes(cfg, LEGACY_STAGE_KEYS)
+    accepted = {name: {current[name], legacy[name]} for name in STAGES}
+    recorded = _recorded_config(folder)
+    if recorded is not None:
+        recorded_now, recorded_legacy = stage_hashes(recorded), stage_hashes(recorded, LEGACY_STAGE_KEYS)
+        for name in STAGES:
+            if recorded_now[name] == current[name]:
+                accepted[name].add(recorded_legacy[name])
+    return {name: tuple(sorted(hashes)) for name, hashes in accepted.items()}
+
+
+def _recorded_config(folder: Path) -> Config | None:
+    """The config a run folder records (config.yaml), or None when it has none this version can read."""
+    path = Path(folder) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        return load_config(str(path))
+    except (ConfigError, ValueError, TypeError, OSError):  # a config of another version: only exact hashes count
+        return None
+
+
+def upgrade_legacy_markers(run_dir: Path) -> list[str]:
+    """Rewrite the DONE markers that carry the legacy hash (stage_keys.LEGACY_STAGE_KEYS) of the folder's own
+    config.yaml to today's hash of that config; the stages rewritten. Called before a launch replaces config.yaml,
+    which is what lets accepted_hashes recognise them; the old hash stays in the marker as `legacy_config_hash`."""
+    recorded = _recorded_config(run_dir)
+    if recorded is None:
+        return []
+    now, legacy, upgraded = stage_hashes(recorded), stage_hashes(recorded, LEGACY_STAGE_KEYS), []
+    for name in STAGES:
+        marker = read_marker(run_dir, name)
+        if marker is not None and marker.get("config_hash") == legacy[name] != now[name]:
+            write_json(Path(run_dir) / name / "DONE", {**marker, "config_hash": now[name],
+                                                        "legacy_config_hash": legacy[name]})
+            upgraded.append(name)
+    return upgraded
 
 
 def init_seed(cfg: Config, stage: str) -> int:
@@ -84,15 +128,17 @@ def read_marker(run_dir: Path, stage: str) -> dict | None:
         return None
 
 
-def finished(run_dir: Path, stage: str, config_hash: str) -> bool:
-    """Whether the run folder holds this stage finished with exactly these settings (its DONE marker's hash)."""
+def finished(run_dir: Path, stage: str, accepted: str | tuple[str, ...]) -> bool:
+    """Whether the run folder holds this stage finished with exactly these settings: its DONE marker's hash is
+    `accepted` (one hash, or any of accepted_hashes(cfg)[stage])."""
     marker = read_marker(run_dir, stage)
-    return marker is not None and marker.get("config_hash") == config_hash
+    accepted = (accepted,) if isinstance(accepted, str) else accepted
+    return marker is not None and marker.get("config_hash") in accepted
 
 
 def plan(cfg: Config, run_dir: Path) -> list[tuple[str, str]]:
     """(stage, 'run' | 'skip (done)') for each active stage, as the next launch would do it."""
-    hashes, rows, rerun = stage_hashes(cfg), [], False
+    hashes, rows, rerun = accepted_hashes(cfg, run_dir), [], False
     for name in active_stages(cfg):
         done = not rerun and finished(run_dir, name, hashes[name])
         rerun = rerun or not done

@@ -25,7 +25,7 @@ from .config import Config
 from .errors import ConfigError
 from .history import HISTORY_FILE, read_history
 from .io_utils import write_json, write_text
-from .pipeline import active_stages, finished, stage_hashes
+from .pipeline import accepted_hashes, active_stages, finished, stage_hashes
 
 NEVER_COPIED = ("evaluate",)
 
@@ -63,11 +63,11 @@ def _source_and_stages(cfg: Config, run_dir: Path) -> tuple[Path | None, list[st
         return None, []
     if source.resolve() == Path(run_dir).resolve():
         raise ConfigError(f"run.start_from={cfg.run.start_from} is the run folder itself; give another --run-dir")
-    hashes, chosen = stage_hashes(cfg), []
+    in_source, here, chosen = accepted_hashes(cfg, source), accepted_hashes(cfg, run_dir), []
     for name in active_stages(cfg):
-        if name in NEVER_COPIED or not finished(source, name, hashes[name]):
+        if name in NEVER_COPIED or not finished(source, name, in_source[name]):
             break
-        if not finished(run_dir, name, hashes[name]):
+        if not finished(run_dir, name, here[name]):
             chosen.append(name)
     return source, chosen
 
@@ -80,7 +80,7 @@ def copy_stages(cfg: Config, run_dir: Path, log) -> list[str]:
             log.info("run.start_from=%s: no stage to copy (the folder is gone, none of its stages matches this "
                      "config, or they are all here already)", cfg.run.start_from)
         return []
-    run_dir = Path(run_dir)
+    run_dir, hashes = Path(run_dir), stage_hashes(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     for name in names:
         staging = run_dir / f".{name}.copying"  # a kill mid-copy leaves this, never a half-copied stage folder
@@ -89,6 +89,9 @@ def copy_stages(cfg: Config, run_dir: Path, log) -> list[str]:
         marker = json.loads((staging / "DONE").read_text())
         marker["artifacts"] = {key: _moved(path, source, run_dir) for key, path in marker.get("artifacts", {}).items()}
         marker["copied_from"] = str(source / name)
+        # The copy is finished with this config's settings (checked above), so it carries today's hash, also when
+        # the source wrote an older version's (pipeline.accepted_hashes): the new folder's config cannot vouch for that.
+        marker["config_hash"] = hashes[name]
         write_json(staging / "DONE", marker)
         shutil.rmtree(run_dir / name, ignore_errors=True)
         os.replace(staging, run_dir / name)

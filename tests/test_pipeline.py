@@ -219,13 +219,14 @@ _INCLUDED = [("pretext", "pretext.lr=0.3"), ("pretext", "augment.crop_scale_min=
              ("pretext", "data.resize_size=40"), ("pretext", "dist.precision=bf16"), ("pretext", "run.seed=5"),
              ("embed", "mine.layer=backbone"), ("embed", "mine.grid=3"), ("embed", "data.max_eval_images=500"), ("mine", "mine.k=7"),
              ("scan", "scan.entropy_weight=3.0"), ("scan", "num_clusters=7"), ("scan", "scan.lr=0.01"), ("pretext", "dist.grad_clip=1.0"),
-             ("selflabel", "selflabel.threshold=0.95"), ("evaluate", "run.baseline=false")]
+             ("selflabel", "selflabel.threshold=0.95"), ("selflabel", "augment.strong_ops=6"),
+             ("evaluate", "run.baseline=false")]
 # Settings that change how fast or how a stage runs, never its result: nothing reruns.
 _EXCLUDED = ["run.threads=1", "data.workers=0", "data.prefetch=5", "data.cache_dir=/x", "data.finish_on=device",
              "mine.backend=faiss", "mine.precision=fp16", "scan.loss_backend=torch", "run.progress=false",
              "run.eval_batch_size=64", "run.checkpoint_every_steps=3", "run.checkpoint_every_min=1",
              "dist.timeout_s=30", "run.monitor_labels=true", "run.tensorboard=true", "run.kernel_self_check=false",
-             "run.deterministic=true", "run.start_from=/x"]
+             "run.deterministic=true", "run.start_from=/x", "augment.translate_frac=0.1"]
 
 
 @_pytest.mark.parametrize("stage, override", _INCLUDED, ids=[o for _, o in _INCLUDED])
