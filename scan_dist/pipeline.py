@@ -15,17 +15,17 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 import torch
 
 from . import reproducibility, run_report
 from .config import Config, load_config, section_hash
-from .errors import ConfigError
 from .context import RunContext
 from .curves import write_curves_png
 from .data import sampling
 from .distributed import comm
+from .errors import ConfigError
 from .io_utils import write_json
 from .stage_keys import LEGACY_STAGE_KEYS, STAGE_KEYS, settings_of
 from .stages import embed, evaluate, mine, pretext, scan, selflabel
@@ -52,11 +52,11 @@ STAGE_ARTIFACTS = {
 }
 
 
-def stage_hashes(cfg: Config, table=None) -> dict[str, str]:
-    """Each stage's hash: its settings (stage_keys.STAGE_KEYS, or `table`) and the hash of the stage before it."""
+def stage_hashes(cfg: Config, table: Mapping[str, tuple[str, ...]] = STAGE_KEYS) -> dict[str, str]:
+    """Each stage's hash: its settings in `table` and the hash of the stage before it."""
     tree, hashes, upstream = asdict(cfg), {}, ""
     for name in STAGES:  # run.seed is in pretext's keys, so every hash carries it
-        settings = settings_of(tree, name, table or STAGE_KEYS)
+        settings = settings_of(tree, name, table)
         upstream = hashes[name] = section_hash(name, sorted(settings.items()), upstream)
     return hashes
 
@@ -128,11 +128,10 @@ def read_marker(run_dir: Path, stage: str) -> dict | None:
         return None
 
 
-def finished(run_dir: Path, stage: str, accepted: str | tuple[str, ...]) -> bool:
-    """Whether the run folder holds this stage finished with exactly these settings: its DONE marker's hash is
-    `accepted` (one hash, or any of accepted_hashes(cfg)[stage])."""
+def finished(run_dir: Path, stage: str, accepted: tuple[str, ...]) -> bool:
+    """Whether the run folder holds this stage finished with exactly these settings: its DONE marker's hash is one
+    of `accepted` (accepted_hashes(cfg, run_dir)[stage])."""
     marker = read_marker(run_dir, stage)
-    accepted = (accepted,) if isinstance(accepted, str) else accepted
     return marker is not None and marker.get("config_hash") in accepted
 
 
