@@ -89,22 +89,23 @@ def settings_of(tree: Mapping[str, Any], stage: str,
             # A view kind this table does not know (a config from another version) takes every augment field:
             # a spare rerun rather than a stage wrongly kept.
             fields = VIEW_FIELDS.get(view) if isinstance(view, str) else None
-            if fields is None:
-                section = _lookup(tree, "augment")
-                fields = tuple(f"augment.{key}" for key in section) if isinstance(section, Mapping) else ()
-            for field in fields:
-                value = _lookup(tree, field)
-                if value is not _MISSING:
-                    chosen[field] = value
-        elif entry.endswith(".*"):
-            section = _lookup(tree, entry[:-2])
-            if isinstance(section, Mapping):
-                chosen.update({f"{entry[:-2]}.{key}": value for key, value in section.items()})
+            for field in ("augment.*",) if fields is None else fields:
+                _take(tree, field, chosen)
         else:
-            value = _lookup(tree, entry)
-            if value is not _MISSING:
-                chosen[entry] = value
+            _take(tree, entry, chosen)
     return chosen
+
+
+def _take(tree: Mapping[str, Any], entry: str, chosen: dict[str, Any]) -> None:
+    """Add a "section.*" entry's keys, or one dotted key, of the tree to `chosen`; absent keys are left out."""
+    if entry.endswith(".*"):
+        section = _lookup(tree, entry[:-2])
+        if isinstance(section, Mapping):
+            chosen.update({f"{entry[:-2]}.{key}": value for key, value in section.items()})
+    else:
+        value = _lookup(tree, entry)
+        if value is not _MISSING:
+            chosen[entry] = value
 
 
 def result_settings(tree: Mapping[str, Any]) -> dict[str, Any]:
