@@ -82,6 +82,8 @@ class MineConfig:
     #                            grid (the backbone's last feature map pooled to grid x grid cells, concatenated)
     grid: int = 2  # cells per side for layer=grid (out_dim x grid^2 dimensions)
     pca_dims: int = 64  # dimensions of the pixel PCA used by features=pixels|both
+    pixel_weight: float = 1.0  # features=both: the pixel part's length against the pretext part's (both unit
+    #                            vectors first), so the cosine weighs them 1 : pixel_weight^2
     backend: str = "auto"  # auto (Triton on CUDA, else torch) | torch | faiss | triton
     precision: str = "fp32"  # k-NN scores: fp32 | fp16 (Triton fast path: fp16 candidates, fp32 re-rank, still exact)
     eval_k: int = 5  # neighbours mined within the evaluation set (head selection only; no labels)
@@ -376,6 +378,8 @@ def validate(cfg: Config) -> None:
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0; got {value}")
+    if not cfg.mine.pixel_weight > 0:
+        raise ConfigError(f"mine.pixel_weight must be > 0; got {cfg.mine.pixel_weight}")
     if not 0.0 < cfg.selflabel.threshold < 1.0:
         raise ConfigError(f"selflabel.threshold must be in (0, 1); got {cfg.selflabel.threshold}")
     if not 0.0 <= cfg.selflabel.ema_decay < 1.0:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-__all__ = ["STAGE_KEYS", "LEGACY_STAGE_KEYS", "VIEW_FIELDS", "settings_of", "result_settings"]
+__all__ = ["STAGE_KEYS", "LEGACY_STAGE_KEYS", "VIEW_FIELDS", "ADDED_LATER", "settings_of", "result_settings"]
 
 # The augment fields each view kind reads (data/transforms.py, ViewTransform.params/finish); `eval` reads none.
 # tests/test_stage_keys.py checks the list against the transform: changing any other field leaves the view as it is.
@@ -59,6 +59,11 @@ LEGACY_STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "evaluate": ("run.baseline",),
 }
 
+# Settings added after run folders were written, each with the value that computes what those folders computed
+# without it: at that value the setting stays out of every hash (and out of the report's setup label), so adding a
+# setting reruns no finished stage; any other value counts like every other key. tests/test_stage_keys.py.
+ADDED_LATER: dict[str, Any] = {"mine.pixel_weight": 1.0}
+
 _MISSING = object()
 
 
@@ -93,6 +98,9 @@ def settings_of(tree: Mapping[str, Any], stage: str,
                 _take(tree, field, chosen)
         else:
             _take(tree, entry, chosen)
+    for key, neutral in ADDED_LATER.items():
+        if key in chosen and chosen[key] == neutral:
+            del chosen[key]
     return chosen
 
 

@@ -10,15 +10,16 @@ from scan_dist.models.mined_space import SCALE, MinedSpace
 from scan_dist.stages.mine import fit_pixel_pca
 
 
-@pytest.mark.parametrize("features, layer", [("both", "projection"), ("pixels", "projection"),
-                                             ("pretext", "backbone"), ("both", "grid")])
-def test_matches_the_mined_vectors(features, layer):
+@pytest.mark.parametrize("features, layer, pixel_weight", [("both", "projection", 1.0), ("pixels", "projection", 1.0),
+                                                           ("pretext", "backbone", 1.0), ("both", "grid", 1.0),
+                                                           ("both", "projection", 2.0), ("pixels", "projection", 3.0)])
+def test_matches_the_mined_vectors(features, layer, pixel_weight):
     torch.manual_seed(0)
     images = torch.randint(0, 256, (40, 1, 12, 12), dtype=torch.uint8)
     mean, std = [0.4], [0.3]
     encoder = SimCLRModel(build_backbone("cnn_small", 1, width=4), 8).eval() if features != "pixels" else None
     pca_dims = 5 if features != "pretext" else 0
-    space = MinedSpace(encoder, layer, (1, 12, 12), pca_dims, grid=2).eval()
+    space = MinedSpace(encoder, layer, (1, 12, 12), pca_dims, grid=2, pixel_weight=pixel_weight).eval()
     parts = []  # what the mine stage computes
     x = normalize(images, mean, std)
     if encoder is not None:
@@ -33,7 +34,8 @@ def test_matches_the_mined_vectors(features, layer):
         flat = images.reshape(len(images), -1).float() / 255
         pca_mean, basis = fit_pixel_pca(flat, pca_dims, seed=0)
         space.set_pca(pca_mean, basis, mean, std)
-        parts.append(F.normalize((flat - pca_mean) @ basis, dim=1))
+        # the pixel part's weight counts only beside the pretext part (alone, the final normalisation undoes it)
+        parts.append(F.normalize((flat - pca_mean) @ basis, dim=1) * (pixel_weight if encoder is not None else 1.0))
     expected = F.normalize(torch.cat(parts, dim=1), dim=1) * SCALE
     with torch.no_grad():
         got = space(x)

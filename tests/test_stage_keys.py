@@ -1,6 +1,7 @@
 """stage_keys: the augment fields each view kind reads (checked against the transform itself), which stage an
 augmentation change reruns, and run folders finished before the augmentation split (legacy hashes) staying valid:
-kept as they are with the same config, and reused up to the first changed stage with `--from` or in place."""
+kept as they are with the same config, and reused up to the first changed stage with `--from` or in place; a
+setting added later (stage_keys.ADDED_LATER) rerunning nothing at its neutral value."""
 import dataclasses
 import json
 import logging
@@ -16,7 +17,7 @@ from scan_dist.data.sampling import NUM_DRAWS
 from scan_dist.data.transforms import make_transform
 from scan_dist.job import write_config
 from scan_dist.pipeline import STAGES, plan, stage_hashes
-from scan_dist.stage_keys import LEGACY_STAGE_KEYS, VIEW_FIELDS, settings_of
+from scan_dist.stage_keys import ADDED_LATER, LEGACY_STAGE_KEYS, VIEW_FIELDS, result_settings, settings_of
 
 # Another valid value of every augment field, each far enough from the default to move some pixel of the views
 # that read it (crop_scale_min above the weak view's 0.6 floor, so the weak view reads it too).
@@ -137,3 +138,22 @@ def test_a_launch_in_a_legacy_folder_upgrades_its_markers_before_replacing_confi
     assert json.loads((old / "selflabel" / "DONE").read_text())["config_hash"] == "stale"
     # The upgraded folder is still finished for its own config, up to the stage that was not.
     assert _runs(cfg, old) == ["selflabel", "evaluate"]
+
+
+# Today's smoke hashes as commit e3ffe3b (before mine.pixel_weight existed) wrote them.
+SMOKE_E3FFE3B = {"pretext": "3f61fc15b236f21f", "embed": "aca01e11c8f2ccec", "mine": "0c6f72e53bce0523",
+                 "scan": "c74e4f19c1a1ae7f", "selflabel": "29bac8e946905711", "evaluate": "48804c8f381e1645"}
+
+
+def test_a_setting_added_later_at_its_neutral_value_reruns_nothing():
+    cfg = load_config("smoke")
+    assert cfg.mine.pixel_weight == ADDED_LATER["mine.pixel_weight"]
+    assert stage_hashes(cfg) == SMOKE_E3FFE3B
+    assert "mine.pixel_weight" not in result_settings(dataclasses.asdict(cfg))  # nor labels the report's setups
+
+
+def test_a_setting_added_later_counts_at_any_other_value():
+    cfg = load_config("smoke", ["mine.pixel_weight=1.5"])
+    hashes = stage_hashes(cfg)
+    assert [name for name in STAGES if hashes[name] != SMOKE_E3FFE3B[name]] == ["mine", "scan", "selflabel", "evaluate"]
+    assert result_settings(dataclasses.asdict(cfg))["mine.pixel_weight"] == 1.5

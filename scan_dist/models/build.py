@@ -23,7 +23,8 @@ def cluster_model(cfg: Config, ctx, num_heads: int) -> ClusterModel:
     if cfg.scan.features == "mined":
         encoder = simclr_model(cfg, channels) if cfg.mine.features in ("pretext", "both") else None
         pca_dims = ctx.pca_dims if cfg.mine.features in ("pixels", "both") else 0
-        backbone = MinedSpace(encoder, cfg.mine.layer, ctx.pixel_shape, pca_dims, cfg.mine.grid)
+        backbone = MinedSpace(encoder, cfg.mine.layer, ctx.pixel_shape, pca_dims, cfg.mine.grid,
+                              cfg.mine.pixel_weight)
     else:
         backbone = build_backbone(cfg.model.backbone, channels, cfg.model.width)
     heads = ClusterHeads(backbone.out_dim, cfg.num_clusters, num_heads, cfg.scan.head_hidden)

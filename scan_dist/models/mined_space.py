@@ -21,9 +21,10 @@ SCALE = 8.0
 
 class MinedSpace(nn.Module):
     def __init__(self, encoder: SimCLRModel | None, layer: str, pixel_shape: tuple[int, int, int], pca_dims: int,
-                 grid: int):
+                 grid: int, pixel_weight: float = 1.0):
         super().__init__()
         self.encoder, self.layer, self.pca_dims, self.grid = encoder, layer, pca_dims, grid
+        self.pixel_weight = float(pixel_weight)
         channels, height, width = pixel_shape
         if pca_dims:
             self.register_buffer("pca_mean", torch.zeros(1, channels * height * width))
@@ -46,8 +47,19 @@ class MinedSpace(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         parts = []  # same order as the mine stage: pretext embedding first, then pixels
         if self.encoder is not None:
-            parts.append(F.normalize(self.encoder.embedding(images, self.layer, self.grid).float(), dim=1))
+            parts.append(self.encoder.embedding(images, self.layer, self.grid).float())
         if self.pca_dims:
             pixels = (images * self.pixel_std + self.pixel_mean).flatten(1)
-            parts.append(F.normalize((pixels - self.pca_mean) @ self.pca_basis, dim=1))
-        return F.normalize(torch.cat(parts, dim=1), dim=1) * SCALE
+            parts.append((pixels - self.pca_mean) @ self.pca_basis)
+        return join(parts, self.part_weights) * SCALE
+
+    @property
+    def part_weights(self) -> list[float]:
+        return [1.0] * (self.encoder is not None) + [self.pixel_weight] * bool(self.pca_dims)
+
+
+def join(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """The mined vectors: each part L2-normalised and multiplied by its weight, concatenated, normalised again
+    (so the cosine of two vectors is the weighted mean of the parts' cosines, weights squared)."""
+    return F.normalize(torch.cat([F.normalize(part, dim=1) * weight for part, weight in zip(parts, weights)], dim=1),
+                       dim=1)

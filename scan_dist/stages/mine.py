@@ -2,20 +2,20 @@
 
 Neighbours of the evaluation images among themselves are mined too: they serve only to select the best cluster
 head by its SCAN loss, never with labels. The search space is the pretext embedding, a PCA of the pixels, or both
-(concatenated, each half L2-normalised, so the cosine is the mean of the two cosines).
+(concatenated, each half L2-normalised, so the cosine is the mean of the two cosines; `mine.pixel_weight` w
+weighs them 1 : w^2).
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
 from ..distributed import comm
 from ..distributed.shared_rows import SharedRows
 from ..io_utils import save_torch
 from ..metrics import neighbor_agreement
-from ..models.mined_space import MinedSpace
+from ..models.mined_space import MinedSpace, join
 from .common import infer, load_rows
 
 
@@ -76,6 +76,7 @@ def search_space(cfg, ctx) -> dict[str, np.ndarray]:
         for split in parts:
             parts[split].append(infer(ctx, projector, split, desc=f"pixel PCA {split}", stage="mine",
                                       out_path=ctx.stage_dir("mine") / f"{split}_pixel_pca.npy"))
+    weights = [1.0, cfg.mine.pixel_weight] if cfg.mine.features == "both" else [1.0]  # as MinedSpace.part_weights
     spaces = {}
     for split, arrays in parts.items():
         num, dim = len(arrays[0]), sum(a.shape[1] for a in arrays)
@@ -83,8 +84,7 @@ def search_space(cfg, ctx) -> dict[str, np.ndarray]:
         start, stop = comm.shard_range(num)
         for first in range(start, stop, SPACE_CHUNK):
             rows = slice(first, min(first + SPACE_CHUNK, stop))
-            joined = torch.cat([F.normalize(load_rows(a, rows), dim=1) for a in arrays], dim=1)
-            out.write(first, F.normalize(joined, dim=1).numpy())
+            out.write(first, join([load_rows(a, rows) for a in arrays], weights).numpy())
         out.close()
         spaces[split] = np.load(ctx.stage_dir("mine") / f"{split}_space.npy", mmap_mode="c")  # shared until written
     return spaces
