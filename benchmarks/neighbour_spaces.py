@@ -40,7 +40,7 @@ from scan_dist.config import load_config  # noqa: E402
 from scan_dist.context import RunContext  # noqa: E402
 from scan_dist.io_utils import load_torch  # noqa: E402
 from scan_dist.metrics import neighbor_agreement  # noqa: E402
-from scan_dist.models.mined_space import SCALE, join  # noqa: E402
+from scan_dist.models.mined_space import SCALE, join, part_weights  # noqa: E402
 from scan_dist.stages.mine import shard_neighbors  # noqa: E402
 
 
@@ -64,17 +64,18 @@ def rows_first(per_head: torch.Tensor) -> torch.Tensor:
 
 def reweighted_spaces(run: Path, cfg, weights: list[float]) -> dict[str, torch.Tensor]:
     """{"pixel_weight=W": the training images' mined space as `mine.pixel_weight=W` would have built it}."""
-    if weights and cfg.mine.features != "both":
-        raise SystemExit(f"{run}: mine.features={cfg.mine.features}; --pixel-weights needs mine.features=both")
     if not weights:
         return {}
+    if cfg.mine.features != "both":
+        raise SystemExit(f"{run}: mine.features={cfg.mine.features}; --pixel-weights needs mine.features=both")
     parts = [torch.from_numpy(np.load(run / "embed" / "train.npy")),  # the same two arrays the mine stage joined
              torch.from_numpy(np.load(run / "mine" / "train_pixel_pca.npy"))]
-    return {f"pixel_weight={weight:g}": join(parts, [1.0, weight]) for weight in weights}
+    return {f"pixel_weight={weight:g}": join(parts, part_weights(True, True, weight)) for weight in weights}
 
 
-def head_spaces(run: Path, space: torch.Tensor) -> dict[str, torch.Tensor]:
+def head_spaces(run: Path) -> dict[str, torch.Tensor]:
     """The spaces built from the trained heads' outputs on the mined space."""
+    space = torch.from_numpy(np.load(run / "mine" / "train_space.npy"))
     with torch.no_grad():
         probs, hidden = head_outputs(load_torch(run / "scan" / "model.pt")["model"], space)
     sqrt_probs = rows_first(probs.sqrt())
@@ -93,8 +94,7 @@ def measure(run: Path, k: int | None, heads: bool = True, pixel_weights: list[fl
     targets = RunContext(cfg, run, logging.getLogger("neighbour_spaces")).train_set.targets
     mined_nn = np.load(run / "mine" / "train_neighbors.npy", mmap_mode="r")
     k = k or mined_nn.shape[1]
-    space = torch.from_numpy(np.load(run / "mine" / "train_space.npy"))
-    spaces = {**(head_spaces(run, space) if heads else {}), **reweighted_spaces(run, cfg, pixel_weights or [])}
+    spaces = {**(head_spaces(run) if heads else {}), **reweighted_spaces(run, cfg, pixel_weights or [])}
     out = {"run": str(run), "k": k, "mined": round(neighbor_agreement(targets, np.asarray(mined_nn[:, :k])), 4)}
     if heads:
         out["heads"] = cfg.scan.num_heads

@@ -55,7 +55,12 @@ class MinedSpace(nn.Module):
 
     @property
     def part_weights(self) -> list[float]:
-        return [1.0] * (self.encoder is not None) + [self.pixel_weight] * bool(self.pca_dims)
+        return part_weights(self.encoder is not None, bool(self.pca_dims), self.pixel_weight)
+
+
+def part_weights(pretext: bool, pixels: bool, pixel_weight: float) -> list[float]:
+    """The weights `join` gives the parts present, in their order: pretext embedding, then pixels."""
+    return [1.0] * pretext + [pixel_weight] * pixels
 
 
 def join(parts: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

@@ -15,7 +15,7 @@ from ..distributed import comm
 from ..distributed.shared_rows import SharedRows
 from ..io_utils import save_torch
 from ..metrics import neighbor_agreement
-from ..models.mined_space import MinedSpace, join
+from ..models.mined_space import MinedSpace, join, part_weights
 from .common import infer, load_rows
 
 
@@ -76,7 +76,8 @@ def search_space(cfg, ctx) -> dict[str, np.ndarray]:
         for split in parts:
             parts[split].append(infer(ctx, projector, split, desc=f"pixel PCA {split}", stage="mine",
                                       out_path=ctx.stage_dir("mine") / f"{split}_pixel_pca.npy"))
-    weights = [1.0, cfg.mine.pixel_weight] if cfg.mine.features == "both" else [1.0]  # as MinedSpace.part_weights
+    weights = part_weights(cfg.mine.features in ("pretext", "both"), cfg.mine.features in ("pixels", "both"),
+                           cfg.mine.pixel_weight)
     spaces = {}
     for split, arrays in parts.items():
         num, dim = len(arrays[0]), sum(a.shape[1] for a in arrays)
