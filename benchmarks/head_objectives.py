@@ -159,6 +159,8 @@ def measure(run: Path, methods: list[str], clusters_over: int, smooth_k: int, te
     mined = np.load(run / "mine" / "train_neighbors.npy")
     eval_mined = np.load(run / "mine" / "eval_neighbors.npy")
     K, seed = cfg.num_clusters, cfg.run.seed
+    if "scan@C" in methods and clusters_over <= K:
+        raise SystemExit(f"{run}: --overcluster {clusters_over} must exceed the run's num_clusters={K}")
     out: dict = {"run": str(run)}
     for method in methods:
         started = time.perf_counter()

@@ -58,17 +58,19 @@ def test_every_method_on_a_finished_smoke_run(tmp_path, fashion_mnist):
            "run.progress=false", "selflabel.enabled=false"]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    row = head_objectives.measure(run_dir, list(head_objectives.METHODS), clusters_over=6, smooth_k=5,
+    row = head_objectives.measure(run_dir, list(head_objectives.METHODS), clusters_over=12, smooth_k=5,
                                   temi={"beta": 0.6, "student_temp": 0.1, "teacher_temp": 0.1,
                                         "teacher_momentum": 0.996, "size_momentum": 0.9})
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert row["final"] == pytest.approx(metrics["acc"], abs=1e-4)  # the labels and logits the evaluate stage scored
-    for name in ("scan", "temi", "scan@6"):
+    for name in ("scan", "temi", "scan@12"):
         scores = row[name]
         assert scores["worst"] <= scores["median"] <= scores["best"]
         assert scores["worst"] <= scores["loss_rule"] <= scores["best"]
     assert row["scan"]["best"] > 0.2 and row["spectral"]["best"] > 0.2  # ten classes: chance is 0.1
     assert 0.0 < row["smooth=5"] <= 1.0
+    with pytest.raises(SystemExit, match="num_clusters=10"):  # merging 10 clusters into 10 would screen nothing
+        head_objectives.measure(run_dir, ["scan@C"], clusters_over=10, smooth_k=5, temi={})
 
 
 def test_unknown_methods_are_refused_by_name():
