@@ -20,8 +20,8 @@ Labels are read here, for the diagnostic only. One JSON line per run.
 
 Usage::
 
-    python benchmarks/head_objectives.py runs/pre16/seed0            # all methods, ~8 min per run on 2 cores
-    python benchmarks/head_objectives.py --methods spectral,smooth runs/pre16/seed0   # ~20 s
+    python benchmarks/head_objectives.py runs/pre16/seed0            # all methods, ~6 min per run on 2 cores (60k images)
+    python benchmarks/head_objectives.py --methods spectral,smooth runs/pre16/seed0   # ~8 s
 """
 from __future__ import annotations
 
