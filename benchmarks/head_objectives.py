@@ -48,20 +48,11 @@ from scan_dist.context import RunContext  # noqa: E402
 from scan_dist.metrics import cluster_metrics  # noqa: E402
 from scan_dist.models.heads import ClusterHeads  # noqa: E402
 from scan_dist.models.mined_space import SCALE  # noqa: E402
+from scan_dist.stages.mine import shard_neighbors  # noqa: E402
 from scan_dist.stages.scan import selection_losses  # noqa: E402
+from scan_dist.stages.selflabel import ema_update  # noqa: E402
 
 METHODS = ("scan", "temi", "scan@C", "spectral", "smooth")
-
-
-def nearest(queries: torch.Tensor, base: torch.Tensor, k: int, exclude_self: bool = False) -> torch.Tensor:
-    """Indices [Q, k] of the k most cosine-similar rows of `base` (unit rows), in chunks of 2,048 queries."""
-    out = []
-    for start in range(0, len(queries), 2048):
-        sims = queries[start:start + 2048] @ base.T
-        if exclude_self:
-            sims[torch.arange(sims.shape[0]), torch.arange(start, start + sims.shape[0])] = -2.0
-        out.append(sims.topk(k, dim=1).indices)
-    return torch.cat(out)
 
 
 def train_heads(train: torch.Tensor, neighbors: torch.Tensor, clusters: int, cfg, objective: str, seed: int,
@@ -100,8 +91,7 @@ def train_heads(train: torch.Tensor, neighbors: torch.Tensor, clusters: int, cfg
         if teacher is not None:
             with torch.no_grad():
                 sizes.lerp_(target.mean(1, keepdim=True), 1.0 - temi["size_momentum"])
-                for t, p in zip(teacher.parameters(), heads.parameters()):
-                    t.lerp_(p, 1.0 - temi["teacher_momentum"])
+            ema_update(teacher, heads, temi["teacher_momentum"])
     return (teacher or heads).eval()
 
 
@@ -180,11 +170,13 @@ def measure(run: Path, methods: list[str], clusters_over: int, smooth_k: int, te
             out[method] = summary(targets, predictions, chosen)
         elif method == "spectral":
             labels = spectral(mined, K, seed)
-            votes = labels[nearest(evaluation, train, 20).numpy()]
+            votes = labels[kernels.knn(evaluation, train, 20, metric="ip", backend="torch")[1].numpy()]
             out[method] = summary(targets, [np.array([np.bincount(v, minlength=K).argmax() for v in votes])])
         elif method == "smooth":
             probs = torch.from_numpy(np.load(run / "evaluate" / "final_logits.npy"))[:, 0].float().softmax(-1)
-            smoothed = 0.5 * probs + 0.5 * probs[nearest(evaluation, evaluation, smooth_k, exclude_self=True)].mean(1)
+            # the mine stage's own exact search within the evaluation set, each image itself left out
+            near = shard_neighbors(evaluation, smooth_k, "torch", torch.device("cpu"), "fp32", 0, len(evaluation))
+            smoothed = 0.5 * probs + 0.5 * probs[near].mean(1)
             out["final"] = summary(targets, [probs.argmax(-1).numpy()])["best"]
             method = f"smooth={smooth_k}"
             out[method] = summary(targets, [smoothed.argmax(-1).numpy()])["best"]

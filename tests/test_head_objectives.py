@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from benchmarks import head_objectives
+from scan_dist.stages.mine import shard_neighbors
 
 
 def _two_blobs(per_blob: int = 200, dim: int = 16, seed: int = 0):
@@ -18,7 +19,8 @@ def _two_blobs(per_blob: int = 200, dim: int = 16, seed: int = 0):
     centres = torch.eye(dim)[:2]
     points = centres.repeat_interleave(per_blob, 0) + 0.1 * torch.randn(2 * per_blob, dim, generator=generator)
     points = torch.nn.functional.normalize(points, dim=1)
-    return points, head_objectives.nearest(points, points, 5, exclude_self=True), torch.arange(2).repeat_interleave(per_blob)
+    neighbors = shard_neighbors(points, 5, "torch", torch.device("cpu"), "fp32", 0, len(points))
+    return points, neighbors, torch.arange(2).repeat_interleave(per_blob)
 
 
 def test_merging_joins_the_clusters_the_neighbour_pairs_join():
