@@ -12,7 +12,9 @@ images, so a method can be screened before it is built into a stage:
   linkage on the training k-NN graph (how many mined pairs join two clusters, over the product of their sizes);
 * ``spectral``   -- spectral clustering of the symmetric training k-NN graph (10 leading eigenvectors of the
   normalised adjacency, k-means on their unit rows), handed to the evaluation images by a 20-NN vote;
-* ``smooth=k``   -- the run's final predictions averaged with those of the k nearest evaluation images.
+* ``smooth=k``   -- the run's final predictions averaged with those of the k nearest evaluation images;
+* ``mirror``     -- test-time flipping: the SCAN stage's clustering and the final model's, each with its softmax
+  averaged over the evaluation image and its mirror image (width flipped), beside the same model without.
 
 Per method: the best, median and worst head's accuracy and, for trained heads, the head the paper's lowest-loss
 rule (SCAN loss on the evaluation images and their mined neighbours, as the stage's `scan.select=loss`) keeps.
@@ -22,6 +24,7 @@ Usage::
 
     python benchmarks/head_objectives.py runs/pre16/seed0            # all methods, ~6 min per run on 2 cores (60k images)
     python benchmarks/head_objectives.py --methods spectral,smooth runs/pre16/seed0   # ~8 s
+    python benchmarks/head_objectives.py --methods mirror runs/base/seed0                # ~30 s
 """
 from __future__ import annotations
 
@@ -48,11 +51,13 @@ from scan_dist.context import RunContext  # noqa: E402
 from scan_dist.metrics import cluster_metrics  # noqa: E402
 from scan_dist.models.heads import ClusterHeads  # noqa: E402
 from scan_dist.models.mined_space import SCALE  # noqa: E402
+from scan_dist.stages.common import load_scan_model  # noqa: E402
+from scan_dist.stages.evaluate import final_model  # noqa: E402
 from scan_dist.stages.mine import shard_neighbors  # noqa: E402
 from scan_dist.stages.scan import selection_losses  # noqa: E402
 from scan_dist.stages.selflabel import ema_update  # noqa: E402
 
-METHODS = ("scan", "temi", "scan@C", "spectral", "smooth")
+METHODS = ("scan", "temi", "scan@C", "spectral", "smooth", "mirror")
 
 
 def train_heads(train: torch.Tensor, neighbors: torch.Tensor, clusters: int, cfg, objective: str, seed: int,
@@ -180,8 +185,27 @@ def measure(run: Path, methods: list[str], clusters_over: int, smooth_k: int, te
             out["final"] = summary(targets, [probs.argmax(-1).numpy()])["best"]
             method = f"smooth={smooth_k}"
             out[method] = summary(targets, [smoothed.argmax(-1).numpy()])["best"]
+        elif method == "mirror":
+            out[method] = mirror_scores(context, cfg, targets)
         out[f"{method}_seconds"] = round(time.perf_counter() - started, 1)
     return out
+
+
+@torch.no_grad()
+def mirror_scores(context, cfg, targets: np.ndarray) -> dict:
+    """ACC of the SCAN stage's clustering and of the final model, each alone and averaged over mirror images."""
+    scores = {}
+    for name, model in (("scan", load_scan_model(cfg, context)), ("final", final_model(cfg, context))):
+        model.eval()
+        plain, mirrored = [], []
+        for batch in context.inference_batches("eval"):
+            images = batch["views"][0]
+            plain.append(model(images)[0].float().softmax(-1))
+            mirrored.append(model(torch.flip(images, dims=[-1]))[0].float().softmax(-1))
+        plain, mirrored = torch.cat(plain), torch.cat(mirrored)
+        scores[name] = summary(targets, [plain.argmax(-1).numpy()])["best"]
+        scores[f"{name}+mirror"] = summary(targets, [(plain + mirrored).argmax(-1).numpy()])["best"]
+    return scores
 
 
 def _methods(text: str) -> list[str]:

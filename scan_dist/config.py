@@ -133,6 +133,8 @@ class SelfLabelConfig:
     class_balance: bool = True  # average the cross-entropy per pseudo-class
     ema_decay: float = 0.0  # >0: pseudo-labels come from an EMA teacher with this decay
     view: str = "strong"  # augmentation the student is trained on: strong | simclr | weak
+    teacher_flip: bool = False  # mode=full: pseudo-labels from the teacher's softmax averaged over the weak view and
+    #                             its mirror image (needs augment.flip); demo: +0.1 ± 0.2 on 3 paired seeds, +45 s (README)
     mode: str = "full"  # full: backbone + head | cached: head only, on a frozen backbone's cached features
     cached_views: int = 4  # mode=cached: fixed augmented (selflabel.view) views per image in the cache
     min_steps: int = 0  # small datasets: run at least this many optimiser steps (epochs rise to reach it; 0: off)
@@ -384,6 +386,11 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"selflabel.threshold must be in (0, 1); got {cfg.selflabel.threshold}")
     if not 0.0 <= cfg.selflabel.ema_decay < 1.0:
         raise ConfigError(f"selflabel.ema_decay must be in [0, 1); got {cfg.selflabel.ema_decay}")
+    if cfg.selflabel.teacher_flip and not (cfg.selflabel.mode == "full" and cfg.selflabel.ema_decay > 0
+                                           and cfg.augment.flip):
+        raise ConfigError("selflabel.teacher_flip=true needs selflabel.mode=full, selflabel.ema_decay > 0 and "
+                          f"augment.flip=true; got mode={cfg.selflabel.mode}, ema_decay={cfg.selflabel.ema_decay}, "
+                          f"augment.flip={cfg.augment.flip}")
     if cfg.data.image_size is not None and cfg.data.image_size < 8:
         raise ConfigError(f"data.image_size must be at least 8; got {cfg.data.image_size}")
     if cfg.data.resize_size is not None and cfg.data.resize_size < (cfg.data.image_size or 8):

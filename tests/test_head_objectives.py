@@ -71,6 +71,10 @@ def test_every_method_on_a_finished_smoke_run(tmp_path, fashion_mnist):
         assert scores["worst"] <= scores["loss_rule"] <= scores["best"]
     assert row["scan"]["best"] > 0.2 and row["spectral"]["best"] > 0.2  # ten classes: chance is 0.1
     assert 0.0 < row["smooth=5"] <= 1.0
+    # The harness's own forward pass of the final model gives the evaluate stage's score; flipped, another one.
+    assert row["mirror"]["final"] == pytest.approx(metrics["acc"], abs=1e-4)
+    assert row["mirror"]["scan"] == pytest.approx(metrics["stages"]["evaluate"]["scan_heads"]["selected"]["acc"], abs=1e-4)
+    assert 0.1 < row["mirror"]["final+mirror"] <= 1.0 and 0.1 < row["mirror"]["scan+mirror"] <= 1.0
     with pytest.raises(SystemExit, match="num_clusters=10"):  # merging 10 clusters into 10 would screen nothing
         head_objectives.measure(run_dir, ["scan@C"], clusters_over=10, smooth_k=5, temi={})
 

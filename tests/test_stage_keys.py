@@ -148,8 +148,10 @@ SMOKE_E3FFE3B = {"pretext": "3f61fc15b236f21f", "embed": "aca01e11c8f2ccec", "mi
 def test_a_setting_added_later_at_its_neutral_value_reruns_nothing():
     cfg = load_config("smoke")
     assert cfg.mine.pixel_weight == ADDED_LATER["mine.pixel_weight"]
+    assert cfg.selflabel.teacher_flip == ADDED_LATER["selflabel.teacher_flip"]
     assert stage_hashes(cfg) == SMOKE_E3FFE3B
-    assert "mine.pixel_weight" not in result_settings(dataclasses.asdict(cfg))  # nor labels the report's setups
+    settings = result_settings(dataclasses.asdict(cfg))
+    assert "mine.pixel_weight" not in settings and "selflabel.teacher_flip" not in settings  # nor label the report's setups
 
 
 def test_a_setting_added_later_counts_at_any_other_value():
@@ -157,3 +159,6 @@ def test_a_setting_added_later_counts_at_any_other_value():
     hashes = stage_hashes(cfg)
     assert [name for name in STAGES if hashes[name] != SMOKE_E3FFE3B[name]] == ["mine", "scan", "selflabel", "evaluate"]
     assert result_settings(dataclasses.asdict(cfg))["mine.pixel_weight"] == 1.5
+    flipped = stage_hashes(load_config("smoke", ["selflabel.teacher_flip=true", "selflabel.ema_decay=0.999"]))
+    plain = stage_hashes(load_config("smoke", ["selflabel.ema_decay=0.999"]))
+    assert [name for name in STAGES if flipped[name] != plain[name]] == ["selflabel", "evaluate"]

@@ -28,6 +28,17 @@ def ema_update(teacher: torch.nn.Module, student: torch.nn.Module, decay: float)
         t.copy_(s)
 
 
+def mirror_averaged(model: torch.nn.Module):
+    """`fn(images) -> [1, B, C]`: log of the model's softmax averaged over the images and their mirror images
+    (width flipped), as logits: a pseudo-label then has to hold for both."""
+
+    def fn(images):
+        probs = model(images)[0].float().softmax(-1) + model(torch.flip(images, dims=[-1]))[0].float().softmax(-1)
+        return (0.5 * probs).log().unsqueeze(0)
+
+    return fn
+
+
 def self_label_step(engine, weak_input, strong_input, teacher_fn, threshold: float, class_balance: bool, ema=None):
     """One self-labelling step over `engine` (the stage's, and bench_train_step's): `step(batch) -> logged values`.
 
@@ -95,7 +106,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
         def strong_input(batch):
             return batch["views"][1]
 
-        teacher_fn = teacher
+        teacher_fn = mirror_averaged(teacher) if sl.teacher_flip and teacher is not None else teacher
     optimizer = make_optimizer(sl.optimizer, [{"params": trained.parameters(), "lr": sl.lr}], sl.weight_decay,
                                sl.momentum)
     epochs = scaled_epochs(sl.epochs, sl.min_steps, source.sampler.steps)
