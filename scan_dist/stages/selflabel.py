@@ -106,7 +106,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
         def strong_input(batch):
             return batch["views"][1]
 
-        teacher_fn = mirror_averaged(teacher) if sl.teacher_flip and teacher is not None else teacher
+        teacher_fn = mirror_averaged(teacher) if sl.teacher_flip else teacher  # validate(): teacher_flip needs the EMA teacher
     optimizer = make_optimizer(sl.optimizer, [{"params": trained.parameters(), "lr": sl.lr}], sl.weight_decay,
                                sl.momentum)
     epochs = scaled_epochs(sl.epochs, sl.min_steps, source.sampler.steps)
