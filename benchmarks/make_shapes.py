@@ -3,7 +3,7 @@
 `python benchmarks/make_shapes.py OUT [--per-class 400] [--test-per-class 200] [--size 32] [--seed 0]` writes
 OUT/train/<shape>/<i>.png and OUT/test/<shape>/<i>.png (other random draws) for five shapes (circle, square,
 triangle, cross, ring), each at a random position, size, rotation and pair of colours over noise. Pixels say little about the class here (k-means on them is near chance) while the shape is obvious to a
-person: the small-data check of README ("Small datasets") runs the demo recipe on 2,000 of these images.
+person: the small-data check of README ("Measured results") runs the demo recipe on 2,000 of these images.
 """
 from __future__ import annotations
 

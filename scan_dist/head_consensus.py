@@ -3,9 +3,9 @@
 Heads trained from different initialisations on the same data agree on the structure they all find and disagree
 on their mistakes; the head that agrees most with the others (the medoid under normalised mutual information) is
 the most typical clustering. Measured on the demo (30 heads): mean NMI to the other heads correlates 0.86 with a
-head's accuracy, and the medoid was the best head; README, "Every stage earns its place", has the per-seed table.
+head's accuracy, and the medoid was the best head; accuracy_history.md in benchmarks/results has the per-seed table.
 Over the 18 head populations measured since, though, the medoid was 0.75 below the best head on average and the
-lowest-loss head 0.35 (README, third pass), so the demo uses `scan.select=loss`.
+lowest-loss head 0.35 (benchmarks/results/accuracy_history.md, third pass), so the demo uses `scan.select=loss`.
 
 Heads that left a cluster empty are degenerate (the entropy term failed) and are neither candidates nor voters,
 unless every head did. NMI is computed on hard assignments of at most `max_rows` evaluation images (evenly spaced
@@ -14,8 +14,8 @@ rows, no randomness), so the cost is O(H^2 * max_rows) whatever N, plus one pass
 `scan.select=ensemble` goes one step further: the most agreeing heads, each relabelled onto the medoid's clusters
 by Hungarian matching, are averaged (mean probability). Where the heads' errors are independent the average beats
 every member; on the demo they are only partly so: over six head populations the top-10 ensemble scored between
-2.1 points above and 0.75 below the medoid, +0.3 on average (README, "Every stage earns its place"), so the demo
-does not hand on an ensemble (it keeps the lowest-loss head: README, third pass).
+2.1 points above and 0.75 below the medoid, +0.3 on average (benchmarks/results/accuracy_history.md, second
+pass), so the demo does not hand on an ensemble (it keeps the lowest-loss head: same file, third pass).
 """
 from __future__ import annotations
 

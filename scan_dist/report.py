@@ -279,7 +279,8 @@ def _interval(values: Sequence[float]) -> str:
     """'[-0.4, +2.0]': the 95 % Student's t interval of the mean of paired differences; '—' under two values.
 
     Why it is printed: on the demo a five-seed mean of +0.8 ± 0.8 (better in 4 of 5) vanished at ten seeds; its
-    interval held 0, which says beforehand that five seeds had not shown it (README, eighth pass).
+    interval held 0, which says beforehand that five seeds had not shown it (benchmarks/results/accuracy_history.md,
+    eighth pass).
     """
     mean, std, n = mean_std(values)
     if n < 2:

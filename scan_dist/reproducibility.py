@@ -3,17 +3,18 @@
 A CPU run of this project is already bit-reproducible (same seed, same thread count: the demo gives the same
 digits every time), and the data's randomness never depends on the GPU or on worker and rank counts
 (data/sampling.py). On a GPU the default convolution and reduction algorithms are not: the `fashion_mnist` preset
-run twice with seed 0 on one H200 ended 71.17 and 71.58 (README, sixth pass). With this switch torch picks
-deterministic algorithms (cuDNN convolutions, index_add, scatter) and cuBLAS a fixed workspace; an operation that
-has no deterministic CUDA implementation warns once, naming itself, instead of stopping the run (warn_only), so a
-user sees what still varies. The project's own Triton kernels reduce in a fixed order either way.
+run twice with seed 0 on one H200 ended 71.17 and 71.58 (benchmarks/results/accuracy_history.md, sixth pass).
+With this switch torch picks deterministic algorithms (cuDNN convolutions, index_add, scatter) and cuBLAS a fixed
+workspace; an operation that has no deterministic CUDA implementation warns once, naming itself, instead of
+stopping the run (warn_only), so a user sees what still varies. The project's own Triton kernels reduce in a
+fixed order either way.
 
 It is not part of any stage's config hash: it changes how reproducible a stage is, not what it computes.
 
 `machine()` names what a stage's float results depend on beyond its settings (processor or GPU, threads, torch
 build); every stage's `DONE` marker and `metrics.json` (`machines`) keep it. The same seed gives the same digits
 only on the same kind of machine: the demo's seed 0 ended 74.14 on one 2-core VM and 71.38 on an AMD EPYC one
-(README, seventh pass), with identical code.
+(benchmarks/results/accuracy_history.md, seventh pass), with identical code.
 """
 from __future__ import annotations
 
