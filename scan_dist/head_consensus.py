@@ -15,7 +15,8 @@ rows, no randomness), so the cost is O(H^2 * max_rows) whatever N, plus one pass
 by Hungarian matching, are averaged (mean probability). Where the heads' errors are independent the average beats
 every member; on the demo they are only partly so: over six head populations the top-10 ensemble scored between
 2.1 points above and 0.75 below the medoid, +0.3 on average (benchmarks/results/accuracy_history.md, second
-pass), so the demo does not hand on an ensemble (it keeps the lowest-loss head: same file, third pass).
+pass), so the demo does not hand on an ensemble (it keeps the lowest-loss head:
+benchmarks/results/accuracy_history.md, third pass).
 """
 from __future__ import annotations
 

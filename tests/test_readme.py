@@ -21,7 +21,7 @@ _SECTIONS = "|".join(sorted({key.split(".")[0] for key in config._VALID_KEYS if 
 _SETTING = re.compile(rf"(?<![\w./-])((?:{_SECTIONS})\.[a-z_]+(?:\.[a-z_]+)*)(?==|[`\s,)])")
 # A path up to its end; a template such as `tests/test_<module>.py` is no path and matches nothing.
 _REPO_PATH = re.compile(r"(?<![\w./-])((?:scan_dist|benchmarks|tests|slurm|kernels|\.ci)/[\w./*:-]*[\w*])(?![\w./*:<-])")
-_PASS_CITATION = re.compile(r"accuracy_history\.md,?\s+(?:#\s*)?(\w+)\s+pass", re.MULTILINE)
+_PASS_CITATION = re.compile(r"accuracy_history\.md,?\s+(?:#\s*)?(\w+)\s+pass")
 
 
 def _code_spans(text: str) -> list[str]:
