@@ -161,7 +161,8 @@ def summarize(runs: list[Run], out: Path, preset: str, budget_s: float | None, w
               "arms": arms, "runs": rows}
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / "screen.json", json.dumps(result, indent=1) + "\n")
-    finished = [r.folder for r in runs if r.status == "done"]
+    # A finished run whose metrics.json cannot be read has its error in screen.json and stays out of the report.
+    finished = [Path(r["run_dir"]) for r in rows if r["status"] == "done" and "error" not in r]
     if finished:
         # Reference runs first: the report pairs every other setup against the first one it meets.
         finished.sort(key=lambda folder: folder.parent.name != REFERENCE)

@@ -84,9 +84,18 @@ def test_arms_start_from_their_seeds_reference_and_the_summary_pairs_them(tmp_pa
     report = (tmp_path / "out" / "report.md").read_text()
     row = next(line for line in report.splitlines() if "class_balance" in line and "+1.0" in line)
     assert "2 of 2" in row  # the report's paired ablation table: better on both seeds
+    # A run folder whose metrics.json breaks later: named in screen.json, left out of the report.
+    (tmp_path / "runs" / "nobal" / "seed1" / "metrics.json").write_text("{not json")
+    broken = stub_screen(tmp_path, [0, 1], {"nobal": ["selflabel.class_balance=false"]}).run()
+    assert "cannot read" in broken["runs"][3]["error"] and broken["arms"]["nobal"]["paired"] == 1
+    assert "| 1 | 0 |" in (tmp_path / "out" / "report.md").read_text()  # the paired row: n = 1, seed 0
+    (tmp_path / "runs" / "nobal" / "seed1" / "metrics.json").unlink()
+    calls_before = len(calls(tmp_path))
+    stub_screen(tmp_path, [0, 1], {"nobal": ["selflabel.class_balance=false"]}).run()
+    assert len(calls(tmp_path)) == calls_before + 1  # the unfinished one runs again
     # The same screen again: every run is finished, nothing is launched.
     again = stub_screen(tmp_path, [0, 1], {"nobal": ["selflabel.class_balance=false"]}).run()
-    assert len(calls(tmp_path)) == 4 and again["arms"] == result["arms"]
+    assert len(calls(tmp_path)) == 5 and again["arms"] == result["arms"]
 
 
 def test_runs_go_in_pairs_and_never_more_than_parallel_at_once(tmp_path):
