@@ -28,7 +28,6 @@ import argparse
 import atexit
 import datetime
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -117,63 +116,52 @@ def command(run: Run, preset: str, prefix: list[str], reference: Run | None) -> 
     return [*argv, preset, *run.overrides]
 
 
-def _figures(folder: Path) -> dict:
-    from scan_dist.report import ReportError, load_run
-
-    try:
-        found = load_run(folder)
-    except ReportError as exc:
-        return {"error": str(exc)}
-    keep = ("acc", "nmi", "ari", "scan_acc", "kmeans_acc")
-    return {**{key: found[key] for key in keep}, "stage_seconds": found["seconds"]}
-
-
-def summarize(runs: list[Run], out: Path, preset: str, budget_s: float | None, wall_s: float, argv: list[str]) -> dict:
+def summarize(runs: list[Run], out: Path, preset: str, budget_s: float | None, wall_s: float, argv: list[str],
+              device: str) -> dict:
     """Write OUT/screen.json and OUT/report.md from the runs so far; return the summary."""
-    from scan_dist.report import format_comparison_md, load_run, mean_std
+    from scan_dist.io_utils import write_json, write_text
+    from scan_dist.report import ReportError, format_comparison_md, load_run, mean_std
 
-    by_key = {(r.arm, r.seed): r for r in runs}
-    rows = []
+    rows: dict[tuple[str, int], dict] = {}
+    loaded = []  # each finished run read once, for its row and for the report
     for run in runs:
         row = {"arm": run.arm, "seed": run.seed, "run_dir": str(run.folder), "status": run.status, "rc": run.rc,
                "wall_s": round(run.seconds, 1), "overrides": run.overrides}
         if run.status == "done":
-            row.update(_figures(run.folder))
-        rows.append(row)
+            try:
+                found = load_run(run.folder)
+            except ReportError as exc:  # named in screen.json, left out of the report
+                row["error"] = str(exc)
+            else:
+                row.update({key: found[key] for key in ("acc", "nmi", "ari", "scan_acc", "kmeans_acc")})
+                row["stage_seconds"] = found["seconds"]
+                loaded.append(found)
+        rows[(run.arm, run.seed)] = row
     arms: dict[str, dict] = {}
     for arm in dict.fromkeys(r.arm for r in runs):
-        done = [r for r in rows if r["arm"] == arm and r["status"] == "done" and r.get("acc") is not None]
+        done = [r for r in rows.values() if r["arm"] == arm and r.get("acc") is not None]
         mean, std, n = mean_std([100 * r["acc"] for r in done])
         summary = {"finished": n, "final_acc_mean": mean, "final_acc_std": std}
         if arm != REFERENCE:
             deltas = {}
             for r in done:
-                ref = by_key[(REFERENCE, r["seed"])]
-                ref_row = rows[runs.index(ref)]
-                if ref_row["status"] == "done" and ref_row.get("acc") is not None:
-                    deltas[str(r["seed"])] = round(100 * (r["acc"] - ref_row["acc"]), 2)
+                ref_acc = rows[(REFERENCE, r["seed"])].get("acc")
+                if ref_acc is not None:
+                    deltas[str(r["seed"])] = round(100 * (r["acc"] - ref_acc), 2)
             d_mean, d_std, d_n = mean_std(list(deltas.values()))
             summary.update({"paired_delta_final_by_seed": deltas, "paired_delta_mean": d_mean,
                             "paired_delta_std": d_std, "paired": d_n})
         arms[arm] = summary
     result = {"command": " ".join(argv), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-              "device": _device(), "preset": preset, "budget_s": budget_s, "wall_s": round(wall_s, 1),
-              "arms": arms, "runs": rows}
+              "device": device, "preset": preset, "budget_s": budget_s, "wall_s": round(wall_s, 1),
+              "arms": arms, "runs": list(rows.values())}
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "screen.json", json.dumps(result, indent=1) + "\n")
-    # A finished run whose metrics.json cannot be read has its error in screen.json and stays out of the report.
-    finished = [Path(r["run_dir"]) for r in rows if r["status"] == "done" and "error" not in r]
-    if finished:
+    write_json(out / "screen.json", result)
+    if loaded:
         # Reference runs first: the report pairs every other setup against the first one it meets.
-        finished.sort(key=lambda folder: folder.parent.name != REFERENCE)
-        _atomic_write(out / "report.md", format_comparison_md([load_run(f) for f in finished]))
+        loaded.sort(key=lambda found: Path(found["path"]).parent.name != REFERENCE)
+        write_text(out / "report.md", format_comparison_md(loaded))
     return result
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    part = path.with_name(path.name + ".part")
-    part.write_text(text, encoding="utf-8")
-    os.replace(part, path)
 
 
 def _device() -> str:
@@ -196,6 +184,7 @@ class Screen:
         self.budget_s, self.out, self.argv, self.grace_s, self.poll_s = budget_s, out, argv, grace_s, poll_s
         self.start = time.monotonic()
         self.stop_asked = False
+        self.device = _device()
 
     def reference_of(self, run: Run) -> Run | None:
         if run.arm == REFERENCE:
@@ -281,7 +270,7 @@ class Screen:
             self._reap(run)
 
     def write(self) -> dict:
-        return summarize(self.runs, self.out, self.preset, self.budget_s, self.elapsed(), self.argv)
+        return summarize(self.runs, self.out, self.preset, self.budget_s, self.elapsed(), self.argv, self.device)
 
 
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
