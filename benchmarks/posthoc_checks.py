@@ -1,0 +1,119 @@
+"""Diagnostic (reads labels): two post-hoc rules screened on finished runs before anyone builds them.
+
+1. **Balanced assignment** of the final predictions: Fashion-MNIST's classes are exactly balanced, and a final
+   clustering has clusters of 400 to 1,400 test images, so equalising the cluster sizes (Sinkhorn-Knopp scaling of
+   the final softmax to equal column sums, then argmax) might repair a merged or split class.
+2. **A label-free guard on self-labelling**: self-labelling lowers the SCAN-stage accuracy on some seeds. If a
+   label-free signal moved with the accuracy change, the pipeline could keep the SCAN-stage clustering whenever it
+   says self-labelling hurt. Measured per run on the evaluation images and their mined neighbours (the mine stage's
+   `eval_neighbors.npy`): how often an image and a neighbour share the predicted cluster, and SCAN's consistency
+   term `-mean log <p_i, p_j>`, for the selected SCAN head and for the final model.
+
+One JSON line per run, then a summary line: the balanced rule's mean change, and the Pearson correlation of each
+signal's change with the accuracy change across the runs. Labels are read here, for the diagnostic only.
+
+Usage::
+
+    python benchmarks/posthoc_checks.py runs/base/seed*            # seconds per run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scan_dist.config import load_config  # noqa: E402
+from scan_dist.context import RunContext  # noqa: E402
+from scan_dist.metrics import cluster_metrics  # noqa: E402
+
+SINKHORN_ITERATIONS = 100
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def balanced(probs: np.ndarray, iterations: int = SINKHORN_ITERATIONS) -> np.ndarray:
+    """Sinkhorn-Knopp: `probs` [N, C] rescaled so every column sums to N / C and every row to 1."""
+    q = probs.astype(np.float64)
+    for _ in range(iterations):
+        q = q / q.sum(axis=0, keepdims=True) / q.shape[1]
+        q = q / q.sum(axis=1, keepdims=True)
+    return q
+
+
+def neighbour_signals(probs: np.ndarray, neighbors: np.ndarray) -> dict:
+    """Label-free: the share of (image, neighbour) pairs predicted in one cluster, and SCAN's consistency term."""
+    inner = np.einsum("nc,nkc->nk", probs, probs[neighbors])
+    predicted = probs.argmax(axis=1)
+    return {"agreement": float((predicted[:, None] == predicted[neighbors]).mean()),
+            "consistency": float(-np.log(np.clip(inner, 1e-7, None)).mean())}
+
+
+def measure(run: Path, targets: np.ndarray, k: int | None = None) -> dict:
+    """The two checks on one finished run folder, against the evaluation images' `targets`."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    head = metrics["stages"]["evaluate"]["scan_heads"]["selected_head"]
+    scan_probs = softmax(np.load(run / "scan" / "eval_logits.npy", mmap_mode="r")[:, head])
+    final_probs = softmax(np.load(run / "evaluate" / "final_logits.npy", mmap_mode="r")[:, 0])
+    neighbors = np.load(run / "mine" / "eval_neighbors.npy", mmap_mode="r")
+    if k and k > neighbors.shape[1]:
+        raise SystemExit(f"{run}: --k {k} but mine/eval_neighbors.npy keeps {neighbors.shape[1]} neighbours per image")
+    neighbors = np.asarray(neighbors[:, :k] if k else neighbors)
+
+    def acc(probs):
+        return round(100 * cluster_metrics(targets, probs.argmax(axis=1))["acc"], 2)
+
+    scan_signals, final_signals = neighbour_signals(scan_probs, neighbors), neighbour_signals(final_probs, neighbors)
+    return {"run": str(run), "k": neighbors.shape[1],
+            "acc_scan": acc(scan_probs), "acc_final": acc(final_probs), "acc_final_balanced": acc(balanced(final_probs)),
+            "cluster_sizes": sorted(np.bincount(final_probs.argmax(axis=1), minlength=final_probs.shape[1]).tolist()),
+            **{f"{name}_scan": round(value, 4) for name, value in scan_signals.items()},
+            **{f"{name}_final": round(value, 4) for name, value in final_signals.items()}}
+
+
+def summary(rows: list[dict]) -> dict:
+    """Mean change of the balanced rule; correlation of each label-free signal's change with the ACC change."""
+    d_acc = np.array([row["acc_final"] - row["acc_scan"] for row in rows])
+    out = {"runs": len(rows),
+           "balanced_minus_final_mean": round(float(np.mean([r["acc_final_balanced"] - r["acc_final"] for r in rows])), 2),
+           "balanced_better_in": sum(r["acc_final_balanced"] > r["acc_final"] for r in rows),
+           "selflabel_delta_mean": round(float(d_acc.mean()), 2), "selflabel_negative_in": int((d_acc < 0).sum())}
+    for name in ("agreement", "consistency"):
+        change = np.array([row[f"{name}_final"] - row[f"{name}_scan"] for row in rows])
+        usable = len(rows) >= 3 and change.std() > 0 and d_acc.std() > 0
+        out[f"corr_{name}_change_with_acc_change"] = round(float(np.corrcoef(change, d_acc)[0, 1]), 3) if usable else None
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path,
+                        help="finished run folders (metrics.json, scan/eval_logits.npy, evaluate/final_logits.npy, "
+                             "mine/eval_neighbors.npy)")
+    parser.add_argument("--k", type=int, default=None, help="neighbours per image (default: all the mine stage kept)")
+    args = parser.parse_args(argv)
+    rows = []
+    for run in args.runs:
+        missing = [name for name in ("metrics.json", "scan/eval_logits.npy", "evaluate/final_logits.npy",
+                                     "mine/eval_neighbors.npy") if not (run / name).exists()]
+        if missing:
+            raise SystemExit(f"{run}: not a finished run folder (missing {', '.join(missing)})")
+        cfg = load_config(str(run / "config.yaml"))
+        # the stages' own reader of the evaluation split (same subset, format detection and listing as the run)
+        targets = np.asarray(RunContext(cfg, run, logging.getLogger("posthoc_checks")).eval_set.targets)
+        rows.append(measure(run, targets, args.k))
+        print(json.dumps(rows[-1]), flush=True)
+    print(json.dumps({"summary": summary(rows)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

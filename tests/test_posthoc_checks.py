@@ -1,0 +1,72 @@
+"""benchmarks/posthoc_checks.py: the balanced assignment, the label-free signals, and one fabricated run folder."""
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import posthoc_checks
+
+
+def test_balanced_scaling_equalises_the_columns_and_keeps_rows_distributions():
+    rng = np.random.default_rng(0)
+    probs = posthoc_checks.softmax(rng.normal(size=(600, 4)) + np.array([2.0, 0.0, 0.0, -1.0]))
+    q = posthoc_checks.balanced(probs)
+    np.testing.assert_allclose(q.sum(axis=1), 1.0, atol=1e-9)
+    np.testing.assert_allclose(q.sum(axis=0), 150.0, rtol=1e-3)
+    # the over-full first cluster gives images up, the starved last one gains them
+    before, after = np.bincount(probs.argmax(1), minlength=4), np.bincount(q.argmax(1), minlength=4)
+    assert after[0] < before[0] and after[3] > before[3]
+
+
+def test_neighbour_signals_of_agreeing_and_disagreeing_neighbours():
+    one_hot = np.eye(3)[[0, 0, 1, 1, 2, 2]] * 0.98 + 0.02 / 3
+    agreeing = np.array([[1], [0], [3], [2], [5], [4]])
+    crossing = np.array([[2], [4], [0], [5], [1], [3]])
+    good, bad = (posthoc_checks.neighbour_signals(one_hot, agreeing),
+                 posthoc_checks.neighbour_signals(one_hot, crossing))
+    assert good["agreement"] == 1.0 and bad["agreement"] == 0.0
+    assert good["consistency"] < 0.05 < 3.0 < bad["consistency"]
+
+
+def _fake_run(tmp_path, targets, scan_pred, final_pred, heads=3, selected=1):
+    run = tmp_path / "run"
+    for stage in ("scan", "evaluate", "mine"):
+        (run / stage).mkdir(parents=True)
+    n = len(targets)
+    scan_logits = np.zeros((n, heads, 2), np.float32)
+    scan_logits[np.arange(n), selected, scan_pred] = 8.0  # only the selected head knows anything
+    np.save(run / "scan" / "eval_logits.npy", scan_logits)
+    np.save(run / "evaluate" / "final_logits.npy", (8.0 * np.eye(2)[final_pred])[:, None].astype(np.float32))
+    np.save(run / "mine" / "eval_neighbors.npy", np.array([(i + 1) % n for i in range(n)])[:, None].repeat(2, 1))
+    (run / "metrics.json").write_text(json.dumps({"stages": {"evaluate": {"scan_heads": {"selected_head": selected}}}}))
+    return run
+
+
+def test_measure_scores_the_selected_head_and_the_final_model(tmp_path):
+    targets = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    run = _fake_run(tmp_path, targets, scan_pred=np.array([0, 0, 0, 1, 1, 1, 1, 1]), final_pred=targets)
+    row = posthoc_checks.measure(run, targets, k=1)
+    assert (row["acc_scan"], row["acc_final"], row["acc_final_balanced"]) == (87.5, 100.0, 100.0)
+    assert row["k"] == 1 and row["cluster_sizes"] == [4, 4]
+    # pairs (i, i+1 mod 8): the final model splits 2 of 8 pairs (3-4 and 7-0), the SCAN head 2 as well (2-3, 7-0)
+    assert row["agreement_final"] == row["agreement_scan"] == 0.75
+    with pytest.raises(SystemExit, match="keeps 2 neighbours"):
+        posthoc_checks.measure(run, targets, k=3)
+
+
+def test_summary_correlates_changes_and_needs_three_runs():
+    rows = [{"acc_scan": 70.0, "acc_final": 70.0 + d, "acc_final_balanced": 70.0 + d - 0.5,
+             "agreement_scan": 0.9, "agreement_final": 0.9 + d / 100, "consistency_scan": 0.2,
+             "consistency_final": 0.2 - d / 100} for d in (-1.0, 0.5, 2.0)]
+    out = posthoc_checks.summary(rows)
+    assert out["balanced_minus_final_mean"] == -0.5 and out["balanced_better_in"] == 0
+    assert out["selflabel_negative_in"] == 1
+    assert out["corr_agreement_change_with_acc_change"] == pytest.approx(1.0)
+    assert out["corr_consistency_change_with_acc_change"] == pytest.approx(-1.0)
+    assert posthoc_checks.summary(rows[:2])["corr_agreement_change_with_acc_change"] is None
+
+
+def test_a_folder_without_the_stage_files_is_named(tmp_path):
+    (tmp_path / "metrics.json").write_text("{}")
+    with pytest.raises(SystemExit, match="missing scan/eval_logits.npy"):
+        posthoc_checks.main([str(tmp_path)])
