@@ -34,6 +34,8 @@ from scan_dist.context import RunContext  # noqa: E402
 from scan_dist.metrics import cluster_metrics  # noqa: E402
 
 SINKHORN_ITERATIONS = 100
+RUN_FILES = ("config.yaml", "metrics.json", "scan/eval_logits.npy", "evaluate/final_logits.npy",
+             "mine/eval_neighbors.npy")  # what a finished run folder holds that these checks read
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
@@ -74,7 +76,8 @@ def measure(run: Path, targets: np.ndarray, k: int | None = None) -> dict:
 
     scan_signals, final_signals = neighbour_signals(scan_probs, neighbors), neighbour_signals(final_probs, neighbors)
     return {"run": str(run), "k": neighbors.shape[1],
-            "acc_scan": acc(scan_probs), "acc_final": acc(final_probs), "acc_final_balanced": acc(balanced(final_probs)),
+            "acc_scan": acc(scan_probs), "acc_final": acc(final_probs),
+            "acc_final_balanced": acc(balanced(final_probs)),
             "cluster_sizes": sorted(np.bincount(final_probs.argmax(axis=1), minlength=final_probs.shape[1]).tolist()),
             **{f"{name}_scan": round(value, 4) for name, value in scan_signals.items()},
             **{f"{name}_final": round(value, 4) for name, value in final_signals.items()}}
@@ -83,28 +86,27 @@ def measure(run: Path, targets: np.ndarray, k: int | None = None) -> dict:
 def summary(rows: list[dict]) -> dict:
     """Mean change of the balanced rule; correlation of each label-free signal's change with the ACC change."""
     d_acc = np.array([row["acc_final"] - row["acc_scan"] for row in rows])
-    out = {"runs": len(rows),
-           "balanced_minus_final_mean": round(float(np.mean([r["acc_final_balanced"] - r["acc_final"] for r in rows])), 2),
+    d_balanced = [row["acc_final_balanced"] - row["acc_final"] for row in rows]
+    out = {"runs": len(rows), "balanced_minus_final_mean": round(float(np.mean(d_balanced)), 2),
            "balanced_better_in": sum(r["acc_final_balanced"] > r["acc_final"] for r in rows),
            "selflabel_delta_mean": round(float(d_acc.mean()), 2), "selflabel_negative_in": int((d_acc < 0).sum())}
     for name in ("agreement", "consistency"):
         change = np.array([row[f"{name}_final"] - row[f"{name}_scan"] for row in rows])
         usable = len(rows) >= 3 and change.std() > 0 and d_acc.std() > 0
-        out[f"corr_{name}_change_with_acc_change"] = round(float(np.corrcoef(change, d_acc)[0, 1]), 3) if usable else None
+        corr = round(float(np.corrcoef(change, d_acc)[0, 1]), 3) if usable else None
+        out[f"corr_{name}_change_with_acc_change"] = corr
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path,
-                        help="finished run folders (metrics.json, scan/eval_logits.npy, evaluate/final_logits.npy, "
-                             "mine/eval_neighbors.npy)")
+                        help=f"finished run folders ({', '.join(RUN_FILES)})")
     parser.add_argument("--k", type=int, default=None, help="neighbours per image (default: all the mine stage kept)")
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
-        missing = [name for name in ("metrics.json", "scan/eval_logits.npy", "evaluate/final_logits.npy",
-                                     "mine/eval_neighbors.npy") if not (run / name).exists()]
+        missing = [name for name in RUN_FILES if not (run / name).exists()]
         if missing:
             raise SystemExit(f"{run}: not a finished run folder (missing {', '.join(missing)})")
         cfg = load_config(str(run / "config.yaml"))

@@ -68,5 +68,5 @@ def test_summary_correlates_changes_and_needs_three_runs():
 
 def test_a_folder_without_the_stage_files_is_named(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
-    with pytest.raises(SystemExit, match="missing scan/eval_logits.npy"):
+    with pytest.raises(SystemExit, match="missing config.yaml, scan/eval_logits.npy"):
         posthoc_checks.main([str(tmp_path)])
