@@ -25,22 +25,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from scipy.special import softmax
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scan_dist.config import load_config  # noqa: E402
 from scan_dist.context import RunContext  # noqa: E402
-from scan_dist.metrics import cluster_metrics  # noqa: E402
+from scan_dist.metrics import cluster_metrics, neighbor_agreement  # noqa: E402
 
 SINKHORN_ITERATIONS = 100
 RUN_FILES = ("config.yaml", "metrics.json", "scan/eval_logits.npy", "evaluate/final_logits.npy",
              "mine/eval_neighbors.npy")  # what a finished run folder holds that these checks read
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    return shifted / shifted.sum(axis=1, keepdims=True)
 
 
 def balanced(probs: np.ndarray, iterations: int = SINKHORN_ITERATIONS) -> np.ndarray:
@@ -55,8 +51,7 @@ def balanced(probs: np.ndarray, iterations: int = SINKHORN_ITERATIONS) -> np.nda
 def neighbour_signals(probs: np.ndarray, neighbors: np.ndarray) -> dict:
     """Label-free: the share of (image, neighbour) pairs predicted in one cluster, and SCAN's consistency term."""
     inner = np.einsum("nc,nkc->nk", probs, probs[neighbors])
-    predicted = probs.argmax(axis=1)
-    return {"agreement": float((predicted[:, None] == predicted[neighbors]).mean()),
+    return {"agreement": neighbor_agreement(probs.argmax(axis=1), neighbors),  # the mine stage's purity, of clusters
             "consistency": float(-np.log(np.clip(inner, 1e-7, None)).mean())}
 
 
@@ -64,8 +59,8 @@ def measure(run: Path, targets: np.ndarray, k: int | None = None) -> dict:
     """The two checks on one finished run folder, against the evaluation images' `targets`."""
     metrics = json.loads((run / "metrics.json").read_text())
     head = metrics["stages"]["evaluate"]["scan_heads"]["selected_head"]
-    scan_probs = softmax(np.load(run / "scan" / "eval_logits.npy", mmap_mode="r")[:, head])
-    final_probs = softmax(np.load(run / "evaluate" / "final_logits.npy", mmap_mode="r")[:, 0])
+    scan_probs = softmax(np.load(run / "scan" / "eval_logits.npy", mmap_mode="r")[:, head], axis=1)
+    final_probs = softmax(np.load(run / "evaluate" / "final_logits.npy", mmap_mode="r")[:, 0], axis=1)
     neighbors = np.load(run / "mine" / "eval_neighbors.npy", mmap_mode="r")
     if k and k > neighbors.shape[1]:
         raise SystemExit(f"{run}: --k {k} but mine/eval_neighbors.npy keeps {neighbors.shape[1]} neighbours per image")
