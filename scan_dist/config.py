@@ -118,6 +118,10 @@ class ScanConfig:
     cached_views: int = 4  # mode=cached: augmented views stored per image (anchors and neighbours draw one of
     #                         them per step); 0 trains on the un-augmented features only (like mode=head)
     min_steps: int = 0  # small datasets: run at least this many optimiser steps (epochs rise to reach it; 0: off)
+    candidate_heads: int = 0  # > num_heads: start this many heads and, after screen_fraction of the steps, go on
+    #                            with the num_heads whose SCAN loss on the evaluation images is lowest (the select=loss
+    #                            rule, applied early: no label); 0: off. mode=head|cached only (README, "Measured")
+    screen_fraction: float = 0.15  # share of the stage's epochs the candidate heads train before the screen
 
 
 @dataclass
@@ -403,6 +407,15 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.channels must be 1 or 3; got {cfg.data.channels}")
     if cfg.scan.mode in ("head", "cached") and cfg.scan.init == "random":
         raise ConfigError("scan.init=random needs scan.mode=full: frozen random features cannot be clustered")
+    if cfg.scan.candidate_heads:
+        if cfg.scan.candidate_heads <= cfg.scan.num_heads:
+            raise ConfigError(f"scan.candidate_heads={cfg.scan.candidate_heads} must exceed scan.num_heads="
+                              f"{cfg.scan.num_heads} (or be 0: no screen)")
+        if cfg.scan.mode == "full":
+            raise ConfigError("scan.candidate_heads needs scan.mode=head or cached: with mode=full every head shares "
+                              "the backbone it trains, so a screened-out head has already moved it")
+        if not 0.0 < cfg.scan.screen_fraction < 1.0:
+            raise ConfigError(f"scan.screen_fraction must be in (0, 1); got {cfg.scan.screen_fraction}")
     if cfg.scan.cached_views < 0:
         raise ConfigError(f"scan.cached_views must be >= 0; got {cfg.scan.cached_views}")
     if cfg.selflabel.mode == "cached" and cfg.selflabel.cached_views < 1:

@@ -86,6 +86,17 @@ def test_section_hash_is_stable_and_sensitive():
     assert section_hash({"a": 1}) != section_hash({"a": 2})
 
 
+@pytest.mark.parametrize("overrides, fragment", [
+    (["scan.candidate_heads=30"], "must exceed scan.num_heads=30"),
+    (["scan.candidate_heads=90", "scan.mode=full", "scan.features=backbone"], "needs scan.mode=head or cached"),
+    (["scan.candidate_heads=90", "scan.screen_fraction=1.0"], r"scan.screen_fraction must be in \(0, 1\)"),
+])
+def test_candidate_heads_settings_are_checked(overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_config("demo", overrides)
+    assert load_config("demo", ["scan.candidate_heads=90"]).scan.candidate_heads == 90
+
+
 def test_random_init_needs_full_mode():
     with pytest.raises(ConfigError, match="scan.init=random"):
         load_config("demo", ["scan.init=random", "scan.mode=head"])

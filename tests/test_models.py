@@ -90,3 +90,13 @@ def test_keep_heads_aligns_and_averages_into_one_output():
     copy = ClusterHeads(6, 4, 2, hidden=5, average=True)
     copy.load_state_dict(ensemble.state_dict())  # a saved ensemble loads into a fresh one of the same shape
     assert torch.allclose(copy(x), out)
+
+
+def test_copy_heads_from_overwrites_the_first_heads_only():
+    torch.manual_seed(2)
+    pool, own = ClusterHeads(6, 4, 5, hidden=3), ClusterHeads(6, 4, 3, hidden=3)
+    x = torch.randn(7, 6)
+    own.copy_heads_from(pool, [4, 1])
+    out, expected = own(x), pool(x)
+    assert torch.equal(out[0], expected[4]) and torch.equal(out[1], expected[1])
+    assert own.num_heads == 3 and not torch.equal(out[2], expected[2])  # the third head is left as it was

@@ -121,6 +121,40 @@ def test_sigkill_mid_scan_resumes_to_same_metrics(smoke_run, tmp_path):
         assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
 
 
+def test_candidate_screen_keeps_the_lowest_loss_heads_and_resumes_without_rerunning(smoke_run, tmp_path):
+    """scan.candidate_heads: the kept heads are the num_heads of lowest screen loss, recorded in screen.json and
+    metrics.json; a run SIGKILLed after the screen, once the main loop has a checkpoint, resumes the kept heads (no
+    second screen) and ends with the uninterrupted run's metrics."""
+    source, _ = smoke_run
+    screen = ("scan.candidate_heads=6", "scan.epochs=10", f"run.start_from={source}")
+    whole = tmp_path / "whole"
+    result = launch(whole, *screen)
+    assert result.returncode == 0, result.stdout + result.stderr
+    record = json.loads((whole / "scan" / "screen.json").read_text())
+    losses = record["losses"]
+    assert len(losses) == 6 and record["epochs"] == 2  # round(0.15 * 10) of the stage's 10 epochs
+    assert record["kept"] == sorted(sorted(range(6), key=losses.__getitem__)[:3])
+    reference = json.loads((whole / "metrics.json").read_text())
+    assert reference["stages"]["scan"]["screen"] == record
+    assert not (whole / "scan" / "screen_logits.npy").exists()
+
+    killed = tmp_path / "killed"
+    proc = launch(killed, *screen, wait=False)
+    checkpoint, deadline = killed / "scan" / "checkpoint.pt", time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the SCAN stage wrote a checkpoint"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    result = launch(killed, *screen)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "candidate screen done before" in (killed / "log.txt").read_text()
+    resumed = json.loads((killed / "metrics.json").read_text())
+    assert resumed["stages"]["scan"]["screen"] == record
+    for key in ("acc", "nmi", "ari", "ami"):
+        assert resumed[key] == pytest.approx(reference[key], abs=1e-6), key
+
+
 def test_sigkill_at_a_random_point_of_every_stage_resumes_to_same_metrics(smoke_run, tmp_path):
     """One run folder, SIGKILLed at a random moment of each of the six stages in turn (after the stage's start is
     logged), relaunched each time: the final metrics equal the uninterrupted run's."""
