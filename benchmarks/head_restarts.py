@@ -16,7 +16,8 @@ Costs are in head-steps (a head trained one step): the demo's 30 heads for 1,755
 
 Usage::
 
-    python benchmarks/head_restarts.py --threads 2 runs/base/seed0     # ~12 min on 2 cores (120 heads, 60k images)
+    python benchmarks/head_restarts.py --threads 2 --population-out pop0.json runs/base/seed0   # ~12 min, 2 cores
+    python benchmarks/head_restarts.py --from-population pop0.json pop1.json                   # seconds
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from scan_dist import kernels  # noqa: E402
 from scan_dist.config import load_config  # noqa: E402
 from scan_dist.context import RunContext  # noqa: E402
+from scan_dist.io_utils import write_json  # noqa: E402
 from scan_dist.metrics import cluster_metrics  # noqa: E402
 from scan_dist.models.heads import ClusterHeads  # noqa: E402
 from scan_dist.models.mined_space import SCALE  # noqa: E402
@@ -90,29 +92,29 @@ def rank_correlation(a: np.ndarray, b: np.ndarray) -> float | None:
     return round(float(spearmanr(a, b)[0]), 3)
 
 
-def summarise(steps: int, recorded: dict, targets: np.ndarray, keep: int, draws: int, seed: int) -> dict:
-    accs = {step: np.array([cluster_metrics(targets, p)["acc"] for p in predictions])
-            for step, (_, predictions) in recorded.items()}
-    final_loss, final_acc = recorded[steps][0], accs[steps]
+def summarise(steps: int, losses: dict, accs: dict, keep: int, draws: int, seed: int) -> dict:
+    """The estimates from a population's selection losses and accuracies ({step: [H]}, the last at `steps`)."""
+    final_loss, final_acc = np.asarray(losses[steps]), np.asarray(accs[steps])
     heads, rng = len(final_acc), np.random.default_rng(seed)
     out = {"heads": heads, "steps": steps, "best": round(float(final_acc.max()), 4),
            "median": round(float(np.median(final_acc)), 4),
            "spearman_loss_acc": rank_correlation(final_loss, final_acc),
-           "early_spearman": {str(step): rank_correlation(recorded[step][0], final_acc)
-                              for step in sorted(recorded) if step != steps},
+           "early_spearman": {str(step): rank_correlation(np.asarray(losses[step]), final_acc)
+                              for step in sorted(losses) if step != steps},
            "best_of": {}, "screen": {}}
     for n in sorted({n for n in (10, 30, 60, 90) if n < heads} | {heads}):
         mean, std = simulate(final_loss, final_acc, n, draws, rng)
         out["best_of"][str(n)] = {"acc": round(mean, 4), "std": round(std, 4), "head_steps": n * steps}
     for candidates in sorted({c for c in (60, 90) if keep < c < heads} | {heads}):
-        for step in sorted(s for s in recorded if s != steps):
-            mean, std = simulate(final_loss, final_acc, candidates, draws, rng, recorded[step][0], keep)
+        for step in sorted(s for s in losses if s != steps):
+            mean, std = simulate(final_loss, final_acc, candidates, draws, rng, np.asarray(losses[step]), keep)
             out["screen"][f"{candidates}@{step}"] = {"acc": round(mean, 4), "std": round(std, 4),
                                                      "head_steps": candidates * step + keep * (steps - step)}
     return out
 
 
-def measure(run: Path, heads: int, checks: list[int], keep: int, draws: int) -> dict:
+def measure(run: Path, heads: int, checks: list[int], keep: int, draws: int,
+            population_out: Path | None = None) -> dict:
     cfg = load_config(str(run / "config.yaml"))
     if cfg.scan.features != "mined":
         raise SystemExit(f"{run}: scan.features={cfg.scan.features}; this diagnostic trains heads on the mined space")
@@ -124,14 +126,33 @@ def measure(run: Path, heads: int, checks: list[int], keep: int, draws: int) -> 
     steps, recorded = train_population(space["train"], torch.from_numpy(np.load(run / "mine" / "train_neighbors.npy")),
                                        space["eval"], np.load(run / "mine" / "eval_neighbors.npy"), cfg.num_clusters,
                                        cfg.scan, heads, checks, cfg.run.seed)
-    out = {"run": str(run), **summarise(steps, recorded, targets, keep, draws, cfg.run.seed)}
-    out["seconds"] = round(time.perf_counter() - started, 1)
+    losses = {step: loss for step, (loss, _) in recorded.items()}
+    accs = {step: [cluster_metrics(targets, p)["acc"] for p in predictions]
+            for step, (_, predictions) in recorded.items()}
+    out = {"run": str(run), "seconds": round(time.perf_counter() - started, 1),
+           **summarise(steps, losses, accs, keep, draws, cfg.run.seed)}
+    if population_out:
+        write_json(population_out, {"run": str(run), "steps": steps, "accs": accs,
+                                    "losses": {step: values.tolist() for step, values in losses.items()}})
     return out
+
+
+def summarise_file(path: Path, keep: int, draws: int, seed: int) -> dict:
+    """The estimates from a population kept by --population-out (no training)."""
+    kept = json.loads(Path(path).read_text())
+    losses = {int(step): values for step, values in kept["losses"].items()}
+    accs = {int(step): values for step, values in kept["accs"].items()}
+    return {"run": kept["run"], "population": str(path), **summarise(kept["steps"], losses, accs, keep, draws, seed)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (mine/*_space.npy, *_neighbors.npy)")
+    parser.add_argument("runs", nargs="*", type=Path, help="finished run folders (mine/*_space.npy, *_neighbors.npy)")
+    parser.add_argument("--population-out", type=Path, default=None,
+                        help="with one run: keep the population's losses and accuracies in this JSON file")
+    parser.add_argument("--from-population", type=Path, nargs="+", default=[],
+                        help="population files kept by --population-out: summarise them again, no training")
+    parser.add_argument("--seed", type=int, default=0, help="subset draws of --from-population")
     parser.add_argument("--heads", type=int, default=120, help="heads in the population")
     parser.add_argument("--checks", default="100,200,400,800", help="steps at which losses and accuracies are kept")
     parser.add_argument("--keep", type=int, default=30, help="heads a screen keeps (the run's scan.num_heads)")
@@ -142,10 +163,16 @@ def main(argv: list[str] | None = None) -> None:
         checks = sorted({int(v) for v in args.checks.split(",") if v.strip()})
     except ValueError:
         parser.error(f"--checks expects comma-separated step numbers, e.g. 100,200; got {args.checks!r}")
+    if not args.runs and not args.from_population:
+        parser.error("give run folders, or population files with --from-population")
+    if args.population_out and len(args.runs) != 1:
+        parser.error("--population-out takes one run folder")
     if args.threads:
         torch.set_num_threads(args.threads)
     for run in args.runs:
-        print(json.dumps(measure(run, args.heads, checks, args.keep, args.draws)), flush=True)
+        print(json.dumps(measure(run, args.heads, checks, args.keep, args.draws, args.population_out)), flush=True)
+    for path in args.from_population:
+        print(json.dumps(summarise_file(path, args.keep, args.draws, args.seed)), flush=True)
 
 
 if __name__ == "__main__":

@@ -100,3 +100,5 @@ def test_copy_heads_from_overwrites_the_first_heads_only():
     out, expected = own(x), pool(x)
     assert torch.equal(out[0], expected[4]) and torch.equal(out[1], expected[1])
     assert own.num_heads == 3 and not torch.equal(out[2], expected[2])  # the third head is left as it was
+    pool.copy_heads_from(own, [0], at=[3])  # into chosen places: pool head 3 is now own head 0 (pool head 4)
+    assert torch.equal(pool(x)[3], expected[4]) and torch.equal(pool(x)[2], expected[2])

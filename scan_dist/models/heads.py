@@ -49,12 +49,15 @@ class ClusterHeads(nn.Module):
             return torch.logsumexp(F.log_softmax(x.float(), dim=-1), dim=0, keepdim=True) - math.log(self.num_heads)
         return x
 
-    def copy_heads_from(self, source: "ClusterHeads", heads) -> None:
-        """Overwrite this module's first len(heads) heads with heads `heads` of `source` (same sizes), in place."""
-        index = torch.as_tensor(list(heads), dtype=torch.long, device=self.weights[0].device)
+    def copy_heads_from(self, source: "ClusterHeads", heads, at=None) -> None:
+        """Overwrite this module's heads `at` (default: the first len(heads)) with heads `heads` of `source` (same
+        sizes), in place."""
+        device = self.weights[0].device
+        index = torch.as_tensor(list(heads), dtype=torch.long, device=device)
+        target = torch.arange(len(index), device=device) if at is None else torch.as_tensor(list(at), device=device)
         with torch.no_grad():
             for dst, src in zip(list(self.weights) + list(self.biases), list(source.weights) + list(source.biases)):
-                dst[:len(index)].copy_(src[index])
+                dst[target] = src[index].to(dst.dtype)
 
     def keep_head(self, head: int) -> "ClusterHeads":
         """A one-head copy holding head `head` (self-labelling trains only the selected head)."""

@@ -219,6 +219,10 @@ def screen_candidates(cfg, ctx, model, config_hash: str, source, epochs: int, lo
     (Spearman -0.86 over the demo's ten runs) but few heads land in a good clustering, so more starts, screened early,
     find better heads for little time (README, "Measured results").
 
+    Heads train independently (the loss is a sum over heads, the optimiser's state is per parameter), so the
+    candidates train in groups of `scan.num_heads`, one after another over the same batches: a step of 90 heads at
+    once took 5.4 times one of 30 on the demo's 2 cores (memory, not arithmetic), three groups of 30 take 3 times.
+
     The screen is not checkpointed: it reruns after a kill before its result is saved (`screen.json`, with the
     same draws, so the same heads). Once the main loop has a checkpoint, that holds the kept heads and the screen
     is skipped."""
@@ -232,32 +236,50 @@ def screen_candidates(cfg, ctx, model, config_hash: str, source, epochs: int, lo
     pool = ClusterHeads(own.weights[0].shape[1], own.num_clusters, s.candidate_heads, own.hidden)
     pool = pool.to(own.weights[0].device)
     pool.copy_heads_from(own, range(own.num_heads))
-    optimizer = make_optimizer(s.optimizer, [{"params": pool.parameters(), "lr": s.lr}], s.weight_decay, s.momentum)
-    engine = ctx.engine(pool, optimizer)
+    eval_neighbors = np.load(ctx.run_dir / "mine" / "eval_neighbors.npy", mmap_mode="r")
+    groups = [list(range(start, min(start + own.num_heads, s.candidate_heads)))
+              for start in range(0, s.candidate_heads, own.num_heads)]
+    losses = torch.cat([_screen_group(cfg, ctx, model, pool, group, spent, source, logits_for, eval_neighbors)
+                        for group in groups])
+    kept = sorted(int(h) for h in torch.argsort(losses)[:own.num_heads])
+    own.copy_heads_from(pool, kept)
+    if ctx.is_main:
+        write_json(record_path, {"candidates": s.candidate_heads, "epochs": spent,
+                                 "steps": spent * source.sampler.steps, "kept": kept,
+                                 "losses": [round(float(v), 6) for v in losses]})
+    ctx.log.info("scan: screened %d candidate heads after %d epoch(s) (%d steps); kept the %d of lowest SCAN loss "
+                 "on the evaluation images: %s", s.candidate_heads, spent, spent * source.sampler.steps,
+                 own.num_heads, kept)
+    return spent
+
+
+def _screen_group(cfg, ctx, model, pool, group: list[int], epochs: int, source, logits_for, eval_neighbors):
+    """Train heads `group` of `pool` for `epochs` epochs (written back into `pool`); their selection losses."""
+    s, stage_dir = cfg.scan, ctx.stage_dir("scan")
+    heads = ClusterHeads(pool.weights[0].shape[1], pool.num_clusters, len(group), pool.hidden)
+    heads = heads.to(pool.weights[0].device)
+    heads.copy_heads_from(pool, group)
+    optimizer = make_optimizer(s.optimizer, [{"params": heads.parameters(), "lr": s.lr}], s.weight_decay, s.momentum)
+    engine = ctx.engine(heads, optimizer)
     step = _scan_step(logits_for(engine), engine, s.entropy_weight, s.loss_backend)
-    per_epoch = source.sampler.steps
-    for epoch in range(spent):
-        for batch in tqdm(source.epoch(epoch), total=per_epoch, desc=f"scan screen epoch {epoch + 1}/{spent}",
+    label = f"scan screen heads {group[0]}-{group[-1]}"
+    for epoch in range(epochs):
+        for batch in tqdm(source.epoch(epoch), total=source.sampler.steps, desc=f"{label} epoch {epoch + 1}/{epochs}",
                           unit="step", leave=False, dynamic_ncols=True,
                           disable=not (ctx.cfg.run.progress and comm.is_main())):
             step(batch)
-    pool.eval()
+    heads.eval()
+    pool.copy_heads_from(heads, range(len(group)), at=group)
     logits_path = stage_dir / "screen_logits.npy"
-    logits = infer(ctx, lambda images: pool(model.backbone(images)), "eval", desc="scan screen", out_path=logits_path)
+    logits = infer(ctx, lambda images: heads(model.backbone(images)), "eval", desc=label, out_path=logits_path)
     require_finite(logits, "scan: the candidate heads' evaluation logits",
                    f"the SCAN training diverged: lower scan.lr={s.lr} and rerun")
-    losses = selection_losses(logits, np.load(ctx.run_dir / "mine" / "eval_neighbors.npy", mmap_mode="r"),
-                              s.select_entropy_weight)
-    kept = sorted(int(h) for h in torch.argsort(losses)[:own.num_heads])
-    own.copy_heads_from(pool, kept)
+    losses = selection_losses(logits, eval_neighbors, s.select_entropy_weight)
+    del logits
     comm.barrier()  # every rank has read the logits before rank 0 removes them
     if ctx.is_main:
         logits_path.unlink(missing_ok=True)
-        write_json(record_path, {"candidates": s.candidate_heads, "epochs": spent, "steps": spent * per_epoch,
-                                 "kept": kept, "losses": [round(float(v), 6) for v in losses]})
-    ctx.log.info("scan: screened %d candidate heads after %d epoch(s) (%d steps); kept the %d of lowest SCAN loss "
-                 "on the evaluation images: %s", s.candidate_heads, spent, spent * per_epoch, own.num_heads, kept)
-    return spent
+    return losses
 
 
 def feature_logits_for(features_fn, neighbors, seed: int, views: int):
