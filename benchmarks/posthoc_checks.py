@@ -9,8 +9,16 @@
    `eval_neighbors.npy`): how often an image and a neighbour share the predicted cluster, and SCAN's consistency
    term `-mean log <p_i, p_j>`, for the selected SCAN head and for the final model.
 
-One JSON line per run, then a summary line: the balanced rule's mean change, and the Pearson correlation of each
-signal's change with the accuracy change across the runs. Labels are read here, for the diagnostic only.
+3. **An ensemble of the lowest-loss heads** handed on instead of the lowest-loss head alone: the SCAN heads of
+   lowest selection loss (`metrics.json`, stages.scan.selection_losses: the `scan.select=loss` rule's scores) lie
+   within a few thousandths of each other and still differ by up to four points of accuracy, so the rule's pick
+   among them is close to a draw. The `m` lowest (m = 3, 5, 10), each relabelled onto the lowest-loss head's
+   clusters by Hungarian matching (as `scan.select=ensemble` relabels onto its medoid), probabilities averaged,
+   scored against the SCAN stage's own clustering.
+
+One JSON line per run, then a summary line: the balanced and ensemble rules' mean changes, and the Pearson
+correlation of each signal's change with the accuracy change across the runs. Labels are read here, for the
+diagnostic only.
 
 Usage::
 
@@ -30,11 +38,13 @@ from scipy.special import softmax
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scan_dist import head_consensus  # noqa: E402
 from scan_dist.config import load_config  # noqa: E402
 from scan_dist.context import RunContext  # noqa: E402
 from scan_dist.metrics import cluster_metrics, neighbor_agreement  # noqa: E402
 
 SINKHORN_ITERATIONS = 100
+LOSS_ENSEMBLE_SIZES = (3, 5, 10)
 RUN_FILES = ("config.yaml", "metrics.json", "scan/eval_logits.npy", "evaluate/final_logits.npy",
              "mine/eval_neighbors.npy")  # what a finished run folder holds that these checks read
 
@@ -48,6 +58,16 @@ def balanced(probs: np.ndarray, iterations: int = SINKHORN_ITERATIONS) -> np.nda
     return q
 
 
+def loss_ensemble(logits: np.ndarray, losses, size: int) -> np.ndarray:
+    """Log mean probability [N, C] of the `size` heads of lowest loss, from the SCAN stage's logits [N, H, C], each
+    head relabelled onto the clusters of the lowest-loss one."""
+    members = [int(h) for h in np.argsort(np.asarray(losses), kind="stable")[:size]]
+    heads_first = np.swapaxes(np.asarray(logits[:, members]), 0, 1)
+    assignments = heads_first.argmax(axis=2)
+    perms = np.stack([head_consensus.alignment(assignments[0], a, logits.shape[2]) for a in assignments])
+    return head_consensus.ensemble_log_probs(heads_first, list(range(len(members))), perms)
+
+
 def neighbour_signals(probs: np.ndarray, neighbors: np.ndarray) -> dict:
     """Label-free: the share of (image, neighbour) pairs predicted in one cluster, and SCAN's consistency term."""
     inner = np.einsum("nc,nkc->nk", probs, probs[neighbors])
@@ -59,7 +79,9 @@ def measure(run: Path, targets: np.ndarray, k: int | None = None) -> dict:
     """The two checks on one finished run folder, against the evaluation images' `targets`."""
     metrics = json.loads((run / "metrics.json").read_text())
     head = metrics["stages"]["evaluate"]["scan_heads"]["selected_head"]
-    scan_probs = softmax(np.load(run / "scan" / "eval_logits.npy", mmap_mode="r")[:, head], axis=1)
+    scan_logits = np.load(run / "scan" / "eval_logits.npy", mmap_mode="r")
+    scan_probs = softmax(scan_logits[:, head], axis=1)
+    losses = metrics["stages"]["scan"]["selection_losses"]
     final_probs = softmax(np.load(run / "evaluate" / "final_logits.npy", mmap_mode="r")[:, 0], axis=1)
     neighbors = np.load(run / "mine" / "eval_neighbors.npy", mmap_mode="r")
     if k and k > neighbors.shape[1]:
@@ -73,6 +95,8 @@ def measure(run: Path, targets: np.ndarray, k: int | None = None) -> dict:
     return {"run": str(run), "k": neighbors.shape[1],
             "acc_scan": acc(scan_probs), "acc_final": acc(final_probs),
             "acc_final_balanced": acc(balanced(final_probs)),
+            **{f"acc_scan_loss_ensemble{m}": acc(loss_ensemble(scan_logits, losses, m))
+               for m in LOSS_ENSEMBLE_SIZES if m <= len(losses)},
             "cluster_sizes": sorted(np.bincount(final_probs.argmax(axis=1), minlength=final_probs.shape[1]).tolist()),
             **{f"{name}_scan": round(value, 4) for name, value in scan_signals.items()},
             **{f"{name}_final": round(value, 4) for name, value in final_signals.items()}}
@@ -85,6 +109,12 @@ def summary(rows: list[dict]) -> dict:
     out = {"runs": len(rows), "balanced_minus_final_mean": round(float(np.mean(d_balanced)), 2),
            "balanced_better_in": sum(r["acc_final_balanced"] > r["acc_final"] for r in rows),
            "selflabel_delta_mean": round(float(d_acc.mean()), 2), "selflabel_negative_in": int((d_acc < 0).sum())}
+    for m in LOSS_ENSEMBLE_SIZES:
+        changes = [row[f"acc_scan_loss_ensemble{m}"] - row["acc_scan"] for row in rows
+                   if f"acc_scan_loss_ensemble{m}" in row]
+        if changes:
+            out[f"loss_ensemble{m}_minus_scan_mean"] = round(float(np.mean(changes)), 2)
+            out[f"loss_ensemble{m}_better_in"] = f"{sum(c > 0 for c in changes)} of {len(changes)}"
     for name in ("agreement", "consistency"):
         change = np.array([row[f"{name}_final"] - row[f"{name}_scan"] for row in rows])
         usable = len(rows) >= 3 and change.std() > 0 and d_acc.std() > 0

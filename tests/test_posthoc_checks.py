@@ -39,7 +39,8 @@ def _fake_run(tmp_path, targets, scan_pred, final_pred, heads=3, selected=1):
     np.save(run / "scan" / "eval_logits.npy", scan_logits)
     np.save(run / "evaluate" / "final_logits.npy", (8.0 * np.eye(2)[final_pred])[:, None].astype(np.float32))
     np.save(run / "mine" / "eval_neighbors.npy", np.array([(i + 1) % n for i in range(n)])[:, None].repeat(2, 1))
-    (run / "metrics.json").write_text(json.dumps({"stages": {"evaluate": {"scan_heads": {"selected_head": selected}}}}))
+    (run / "metrics.json").write_text(json.dumps({"stages": {"evaluate": {"scan_heads": {"selected_head": selected}},
+                                                             "scan": {"selection_losses": [0.0] * heads}}}))
     return run
 
 
@@ -71,3 +72,18 @@ def test_a_folder_without_the_stage_files_is_named(tmp_path):
     (tmp_path / "metrics.json").write_text("{}")
     with pytest.raises(SystemExit, match="missing config.yaml, scan/eval_logits.npy"):
         posthoc_checks.main([str(tmp_path)])
+
+
+def test_loss_ensemble_relabels_the_heads_onto_the_lowest_loss_one():
+    targets = np.array([0, 0, 0, 1, 1, 1])
+    logits = np.zeros((6, 3, 2), np.float32)
+    logits[np.arange(6), 0, [0, 0, 1, 1, 1, 1]] = 2.0  # lowest loss, one image wrong
+    logits[np.arange(6), 1, [1, 1, 1, 0, 0, 0]] = 2.0  # right, with the clusters numbered the other way
+    logits[np.arange(6), 2, [1, 1, 1, 0, 0, 0]] = 2.0  # highest loss: left out at size 2
+    losses = [-2.0, -1.9, -1.0]
+    # head 1 relabelled onto head 0's numbering agrees with it on five images; on image 2 they split evenly
+    probs = np.exp(posthoc_checks.loss_ensemble(logits, losses, 2))
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-5)
+    assert list(probs.argmax(1)[[0, 1, 3, 4, 5]]) == [0, 0, 1, 1, 1] and probs[2, 0] == pytest.approx(probs[2, 1])
+    one = posthoc_checks.loss_ensemble(logits, losses, 1).argmax(1)
+    assert list(one) == [0, 0, 1, 1, 1, 1]  # size 1 is the lowest-loss head itself
