@@ -216,8 +216,8 @@ def screen_candidates(cfg, ctx, model, config_hash: str, source, epochs: int, lo
     max(1, round(scan.screen_fraction * epochs)) epochs; the `scan.num_heads` with the lowest SCAN loss on the
     evaluation images (`selection_losses`, the select=loss rule: no label) are copied into `model.heads`, which then
     train the remaining epochs. Returns the epochs spent. Within a population of heads that loss ranks accuracy well
-    (Spearman -0.86 over the demo's ten runs) but few heads land in a good clustering, so more starts, screened early,
-    find better heads for little time (README, "Measured results").
+    (Spearman -0.86 over the demo's ten runs) and few heads land in a good clustering, so more starts reach lower
+    losses; on the demo that did not raise the accuracy of the head kept (README, "Measured results"): off there.
 
     Heads train independently (the loss is a sum over heads, the optimiser's state is per parameter), so the
     candidates train in groups of `scan.num_heads`, one after another over the same batches: the screen's peak
