@@ -195,15 +195,13 @@ def train_on_features(cfg, ctx, model, neighbors_path, config_hash, features_fn,
     s = cfg.scan
     sampler = EpochRequests(num_items, s.batch_size, cfg.run.seed, "scan", comm.rank(), comm.world_size())
     epochs = scaled_epochs(s.epochs, s.min_steps, sampler.steps)
-    neighbors = np.load(neighbors_path, mmap_mode="r")
+    logits_for = feature_logits_for(features_fn, np.load(neighbors_path, mmap_mode="r"), cfg.run.seed, views)
     if s.candidate_heads:
-        epochs -= screen_candidates(cfg, ctx, model, config_hash, IndexSource(sampler), epochs,
-                                    feature_logits_for(features_fn, neighbors, cfg.run.seed, views))
+        epochs -= screen_candidates(cfg, ctx, model, config_hash, IndexSource(sampler), epochs, logits_for)
     optimizer, lrs = _optimizer(cfg, model)
     schedule = Schedule(lrs, total_steps=epochs * sampler.steps)
     engine = ctx.engine(model.heads, optimizer)  # only the heads train: only they are wrapped
-    step = _scan_step(feature_logits(engine, features_fn, neighbors, cfg.run.seed, views), engine,
-                      s.entropy_weight, s.loss_backend)
+    step = _scan_step(logits_for(engine), engine, s.entropy_weight, s.loss_backend)
     zeros = lambda rows: torch.zeros(len(rows), dtype=torch.long)  # noqa: E731  (view 0: the plain image)
     return run_epochs(ctx, "scan", config_hash, {"engine": engine}, IndexSource(sampler), epochs, step, engine,
                       schedule, epoch_end=epoch_diagnostics(
@@ -284,7 +282,7 @@ def _screen_group(cfg, ctx, model, pool, group: list[int], epochs: int, source, 
 
 
 def feature_logits_for(features_fn, neighbors, seed: int, views: int):
-    """`engine -> logits_fn` for heads on stored features (the screen wraps its own pool of heads)."""
+    """`engine -> logits_fn` for heads on stored features (the main loop and each screened group wrap their own)."""
     return lambda engine: feature_logits(engine, features_fn, neighbors, seed, views)
 
 
