@@ -60,12 +60,10 @@ def balanced(probs: np.ndarray, iterations: int = SINKHORN_ITERATIONS) -> np.nda
 
 def loss_ensemble(logits: np.ndarray, losses, size: int) -> np.ndarray:
     """Log mean probability [N, C] of the `size` heads of lowest loss, from the SCAN stage's logits [N, H, C], each
-    head relabelled onto the clusters of the lowest-loss one."""
-    members = [int(h) for h in np.argsort(np.asarray(losses), kind="stable")[:size]]
-    heads_first = np.swapaxes(np.asarray(logits[:, members]), 0, 1)
-    assignments = heads_first.argmax(axis=2)
-    perms = np.stack([head_consensus.alignment(assignments[0], a, logits.shape[2]) for a in assignments])
-    return head_consensus.ensemble_log_probs(heads_first, list(range(len(members))), perms)
+    head relabelled onto the clusters of the lowest-loss one: `scan.ensemble_rank=loss`'s ensemble."""
+    heads_first = np.swapaxes(np.asarray(logits), 0, 1)
+    members, perms, _ = head_consensus.ensemble(heads_first, logits.shape[2], size, losses=losses)
+    return head_consensus.ensemble_log_probs(heads_first, members, perms)
 
 
 def neighbour_signals(probs: np.ndarray, neighbors: np.ndarray) -> dict:

@@ -114,6 +114,8 @@ class ScanConfig:
     #                        images: the paper) | consensus (the head that agrees most with the others) | ensemble
     #                        (the ensemble_size most agreeing heads, aligned and averaged; see head_consensus.py)
     ensemble_size: int = 10  # heads averaged by select=ensemble (at most num_heads; degenerate heads never join)
+    ensemble_rank: str = "agreement"  # which heads select=ensemble averages: agreement (the most agreeing, onto the
+    #                                    medoid's clusters) | loss (the lowest selection losses, onto the lowest's)
     select_entropy_weight: float = 1.0  # weight of the entropy in the head-selection loss (paper: 1)
     cached_views: int = 4  # mode=cached: augmented views stored per image (anchors and neighbours draw one of
     #                         them per step); 0 trains on the un-augmented features only (like mode=head)
@@ -235,6 +237,7 @@ _CHOICES = {
     "scan.loss_backend": ("auto", "triton", "torch"),
     "scan.view": ("simclr", "strong", "weak", "eval"),
     "scan.select": ("consensus", "loss", "ensemble"),
+    "scan.ensemble_rank": ("agreement", "loss"),
     "selflabel.optimizer": ("sgd", "adam"),
     "selflabel.mode": ("full", "cached"),
     "selflabel.view": ("strong", "simclr", "weak"),

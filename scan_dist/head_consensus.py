@@ -16,7 +16,8 @@ by Hungarian matching, are averaged (mean probability). Where the heads' errors 
 every member; on the demo they are only partly so: over six head populations the top-10 ensemble scored between
 2.1 points above and 0.75 below the medoid, +0.3 on average (benchmarks/results/accuracy_history.md, second
 pass), so the demo does not hand on an ensemble (it keeps the lowest-loss head:
-benchmarks/results/accuracy_history.md, third pass).
+benchmarks/results/accuracy_history.md, third pass). `scan.ensemble_rank=loss` averages the lowest-loss heads
+instead of the most agreeing ones (README's lever table has what it measured).
 """
 from __future__ import annotations
 
@@ -83,14 +84,17 @@ def alignment(reference: np.ndarray, other: np.ndarray, classes: int) -> np.ndar
     return np.array([mapping[c] for c in range(classes)], dtype=np.int64)
 
 
-def ensemble(logits, classes: int, size: int, max_rows: int = MAX_ROWS) -> tuple[list[int], np.ndarray, np.ndarray]:
+def ensemble(logits, classes: int, size: int, max_rows: int = MAX_ROWS,
+             losses=None) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(members, perms [m, C], every head's mean agreement) of the `size` usable heads that agree most with the
     others, for logits [H, N, C]. members[0] is the medoid (`scan.select=consensus`'s head); every member is
     relabelled onto its clusters (perms[i][c] = the medoid cluster of member i's cluster c). `ensemble_log_probs`
-    averages them."""
+    averages them. Given per-head `losses` (`scan.ensemble_rank=loss`), the members are instead the `size` usable
+    heads of lowest loss, members[0] the lowest (`scan.select=loss`'s head, when it is usable)."""
     assignments = hard_assignments(logits, max_rows)
     mean, usable = consensus_scores(assignments, classes)
-    members = [int(h) for h in np.argsort(-mean, kind="stable") if usable[h]][:max(1, size)]
+    order = np.argsort(-mean, kind="stable") if losses is None else np.argsort(np.asarray(losses), kind="stable")
+    members = [int(h) for h in order if usable[h]][:max(1, size)]
     perms = np.stack([alignment(assignments[members[0]], assignments[h], classes) for h in members])
     return members, perms, mean
 

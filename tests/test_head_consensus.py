@@ -97,3 +97,21 @@ def test_ensemble_averages_aligned_heads_and_beats_its_members():
 
     assert acc(combined.argmax(1)) > max(acc(logits[h].argmax(1)) for h in range(5)) + 0.1
     assert hc.ensemble(logits, classes, size=2)[0] == members[:2]
+
+
+def test_a_loss_ranked_ensemble_takes_the_lowest_losses_and_aligns_onto_the_lowest():
+    """scan.ensemble_rank=loss: members in order of loss, degenerate heads skipped even at the lowest loss, every
+    member relabelled onto the first one's numbering."""
+    rng = np.random.default_rng(6)
+    classes, truth = 4, rng.integers(0, 4, 3000)
+    logits = np.stack([_noisy_head(truth, 0.1, classes, rng) for _ in range(4)])
+    logits[2] = logits[2][:, [2, 0, 3, 1]]  # head 2 numbers its clusters another way
+    logits[3][:, 1] -= 100  # head 3 leaves cluster 1 empty
+    losses = np.array([-1.0, -1.5, -2.0, -3.0])
+    members, perms, _ = hc.ensemble(logits, classes, size=2, losses=losses)
+    assert members == [2, 1]
+    assert perms[0].tolist() == [0, 1, 2, 3]
+    # head 1's cluster c is head 2's cluster perm[c]: the relabelled assignments match
+    a2, a1 = logits[2].argmax(1), logits[1].argmax(1)
+    assert np.mean(perms[1][a1] == a2) > 0.8 > 0.3 > np.mean(a1 == a2)
+    assert hc.ensemble(logits, classes, size=3, losses=losses)[0] == [2, 1, 0]

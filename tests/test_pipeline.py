@@ -196,9 +196,11 @@ def test_smoke_head_mode(tmp_path, fashion_mnist, overrides):
     assert metrics["acc"] > 0.2 and metrics["stages"]["scan"]["best_head"] in range(3)
 
 
-def test_the_ensemble_handed_on_is_the_one_scored(tmp_path, fashion_mnist):
+@pytest.mark.parametrize("rank", ["agreement", "loss"])
+def test_the_ensemble_handed_on_is_the_one_scored(tmp_path, fashion_mnist, rank):
     """scan.select=ensemble: the model the later stages load (members' last layers reordered, outputs averaged)
-    predicts exactly what the ensemble of the stored evaluation logits predicts, and is what gets scored."""
+    predicts exactly what the ensemble of the stored evaluation logits predicts, and is what gets scored; its
+    members are the most agreeing heads, or (scan.ensemble_rank=loss) those of lowest selection loss."""
     import numpy as np
     import torch
 
@@ -206,11 +208,14 @@ def test_the_ensemble_handed_on_is_the_one_scored(tmp_path, fashion_mnist):
 
     run_dir = tmp_path / "run"
     result = launch(run_dir, "scan.select=ensemble", "scan.num_heads=4", "scan.ensemble_size=3",
-                    "selflabel.enabled=false")
+                    f"scan.ensemble_rank={rank}", "selflabel.enabled=false")
     assert result.returncode == 0, result.stdout + result.stderr
     metrics = json.loads((run_dir / "metrics.json").read_text())
     scan, heads = metrics["stages"]["scan"], metrics["stages"]["evaluate"]["scan_heads"]
-    assert len(scan["ensemble"]) == 3 and scan["ensemble"][0] == scan["consensus_head"]
+    ranking = (np.argsort(scan["selection_losses"], kind="stable") if rank == "loss"
+               else np.argsort(-np.asarray(scan["head_agreement"]), kind="stable"))
+    assert scan["ensemble"] == ranking[:3].tolist() and scan["best_head"] == scan["ensemble"][0]
+    assert scan["ensemble"][0] == (scan["loss_head"] if rank == "loss" else scan["consensus_head"])
     assert set(heads["acc_by_rule"]) == {"loss", "consensus", "ensemble"}
     saved = torch.load(run_dir / "scan" / "model.pt", weights_only=False)
     stored = np.load(run_dir / "scan" / "eval_logits.npy").transpose(1, 0, 2)

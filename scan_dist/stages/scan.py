@@ -12,10 +12,10 @@ augments both). Every choice (order, partner, view) is a counter-based function 
 What is handed on is chosen without labels on the evaluation images (un-augmented): `scan.select=loss` takes the
 head with the lowest SCAN loss over them and their own mined neighbours (the paper's rule), computed in chunks over
 a memory-mapped logits file; `scan.select=consensus` takes the head that agrees most with the other heads;
-`scan.select=ensemble` hands on the `scan.ensemble_size` most agreeing heads, relabelled onto the medoid's clusters
-and averaged (see head_consensus.py). Every rule's choice is logged and kept, whichever is used. With
-`scan.candidate_heads` (mode=head|cached) more heads start than are kept, and the loss rule screens them early
-(`screen_candidates`).
+`scan.select=ensemble` hands on the `scan.ensemble_size` most agreeing heads (`scan.ensemble_rank=loss`: those of
+lowest loss), relabelled onto the first one's clusters and averaged (see head_consensus.py). Every rule's choice is
+logged and kept, whichever is used. With `scan.candidate_heads` (mode=head|cached) more heads start than are kept,
+and the loss rule screens them early (`screen_candidates`).
 """
 from __future__ import annotations
 
@@ -109,14 +109,17 @@ def run(cfg, ctx, config_hash: str) -> dict:
     eval_neighbors = np.load(ctx.run_dir / "mine" / "eval_neighbors.npy", mmap_mode="r")
     losses = selection_losses(eval_logits, eval_neighbors, s.select_entropy_weight)
     loss_head = int(torch.argmin(losses))
-    members, perms, agreement = head_consensus.ensemble(eval_logits, cfg.num_clusters, s.ensemble_size)
-    consensus_head = members[0]  # the medoid: the ensemble's first member
-    best = loss_head if s.select == "loss" else consensus_head
+    by_loss = s.ensemble_rank == "loss"
+    members, perms, agreement = head_consensus.ensemble(eval_logits, cfg.num_clusters, s.ensemble_size,
+                                                        losses=losses.numpy() if by_loss else None)
+    consensus_head = int(np.argmax(agreement))  # the medoid: the head that agrees most with the others
+    best = {"loss": loss_head, "consensus": consensus_head, "ensemble": members[0]}[s.select]
     handed_on = members if s.select == "ensemble" else [best]
     ctx.log.info("scan: head selection losses %s -> head %d; mean agreement with the other heads %s -> head %d "
-                 "(ensemble of the %d most agreeing: %s); scan.select=%s hands on %s",
+                 "(ensemble of the %d %s: %s); scan.select=%s hands on %s",
                  [round(float(v), 4) for v in losses], loss_head, [round(float(v), 3) for v in agreement],
-                 consensus_head, len(members), members, s.select, handed_on)
+                 consensus_head, len(members), "lowest-loss" if by_loss else "most agreeing", members, s.select,
+                 handed_on)
     out = ctx.stage_dir("scan") / "model.pt"
     if ctx.is_main:
         save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist(),
