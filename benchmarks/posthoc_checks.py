@@ -1,4 +1,4 @@
-"""Diagnostic (reads labels): two post-hoc rules screened on finished runs before anyone builds them.
+"""Diagnostic (reads labels): post-hoc rules screened on finished runs before anyone builds them.
 
 1. **Balanced assignment** of the final predictions: Fashion-MNIST's classes are exactly balanced, and a final
    clustering has clusters of 400 to 1,400 test images, so equalising the cluster sizes (Sinkhorn-Knopp scaling of
@@ -15,6 +15,10 @@
    among them is close to a draw. The `m` lowest (m = 3, 5, 10), each relabelled onto the lowest-loss head's
    clusters by Hungarian matching (as `scan.select=ensemble` relabels onto its medoid), probabilities averaged,
    scored against the SCAN stage's own clustering.
+
+4. **The selection loss's entropy weight** (`scan.select_entropy_weight`, the paper's 1): the head the loss rule
+   picks with weights 0, 0.5, 1, 2 and 5, and the best head by the labels, scored with the evaluate stage's own
+   per-head accuracies (`acc_per_head`), to see whether another weight would pick better at the loss's floor.
 
 One JSON line per run, then a summary line: the balanced and ensemble rules' mean changes, and the Pearson
 correlation of each signal's change with the accuracy change across the runs. Labels are read here, for the
@@ -42,9 +46,11 @@ from scan_dist import head_consensus  # noqa: E402
 from scan_dist.config import load_config  # noqa: E402
 from scan_dist.context import RunContext  # noqa: E402
 from scan_dist.metrics import cluster_metrics, neighbor_agreement  # noqa: E402
+from scan_dist.stages.scan import selection_losses  # noqa: E402
 
 SINKHORN_ITERATIONS = 100
 LOSS_ENSEMBLE_SIZES = (3, 5, 10)
+SELECTION_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 5.0)
 RUN_FILES = ("config.yaml", "metrics.json", "scan/eval_logits.npy", "evaluate/final_logits.npy",
              "mine/eval_neighbors.npy")  # what a finished run folder holds that these checks read
 
@@ -64,6 +70,15 @@ def loss_ensemble(logits: np.ndarray, losses, size: int) -> np.ndarray:
     heads_first = np.swapaxes(np.asarray(logits), 0, 1)
     members, perms, _ = head_consensus.ensemble(heads_first, logits.shape[2], size, losses=losses)
     return head_consensus.ensemble_log_probs(heads_first, members, perms)
+
+
+def picks_by_weight(logits: np.ndarray, neighbors: np.ndarray, weights=SELECTION_WEIGHTS) -> dict[float, int]:
+    """{entropy weight: the head of lowest selection loss with that weight}, from the SCAN stage's logits
+    [N, H, C]: the loss is consistency - weight * entropy, so both terms are computed once."""
+    heads_first = np.swapaxes(logits, 0, 1)
+    consistency = selection_losses(heads_first, neighbors, 0.0).double().numpy()
+    entropy = consistency - selection_losses(heads_first, neighbors, 1.0).double().numpy()
+    return {w: int(np.argmin(consistency - w * entropy)) for w in weights}
 
 
 def neighbour_signals(probs: np.ndarray, neighbors: np.ndarray) -> dict:
@@ -90,11 +105,15 @@ def measure(run: Path, targets: np.ndarray, k: int | None = None) -> dict:
         return round(100 * cluster_metrics(targets, probs.argmax(axis=1))["acc"], 2)
 
     scan_signals, final_signals = neighbour_signals(scan_probs, neighbors), neighbour_signals(final_probs, neighbors)
+    per_head = metrics["stages"]["evaluate"]["scan_heads"]["acc_per_head"]
+    picks = picks_by_weight(scan_logits, neighbors)
     return {"run": str(run), "k": neighbors.shape[1],
             "acc_scan": acc(scan_probs), "acc_final": acc(final_probs),
             "acc_final_balanced": acc(balanced(final_probs)),
             **{f"acc_scan_loss_ensemble{m}": acc(loss_ensemble(scan_logits, losses, m))
                for m in LOSS_ENSEMBLE_SIZES if m <= len(losses)},
+            **{f"acc_select_w{w:g}": round(100 * per_head[h], 2) for w, h in picks.items()},
+            "acc_best_head": round(100 * max(per_head), 2),
             "cluster_sizes": sorted(np.bincount(final_probs.argmax(axis=1), minlength=final_probs.shape[1]).tolist()),
             **{f"{name}_scan": round(value, 4) for name, value in scan_signals.items()},
             **{f"{name}_final": round(value, 4) for name, value in final_signals.items()}}
@@ -113,6 +132,11 @@ def summary(rows: list[dict]) -> dict:
         if changes:
             out[f"loss_ensemble{m}_minus_scan_mean"] = round(float(np.mean(changes)), 2)
             out[f"loss_ensemble{m}_better_in"] = f"{sum(c > 0 for c in changes)} of {len(changes)}"
+    for w in SELECTION_WEIGHTS:
+        if f"acc_select_w{w:g}" in rows[0]:
+            out[f"select_w{w:g}_mean"] = round(float(np.mean([row[f"acc_select_w{w:g}"] for row in rows])), 2)
+    if "acc_best_head" in rows[0]:
+        out["best_head_mean"] = round(float(np.mean([row["acc_best_head"] for row in rows])), 2)
     for name in ("agreement", "consistency"):
         change = np.array([row[f"{name}_final"] - row[f"{name}_scan"] for row in rows])
         usable = len(rows) >= 3 and change.std() > 0 and d_acc.std() > 0

@@ -39,7 +39,10 @@ def _fake_run(tmp_path, targets, scan_pred, final_pred, heads=3, selected=1):
     np.save(run / "scan" / "eval_logits.npy", scan_logits)
     np.save(run / "evaluate" / "final_logits.npy", (8.0 * np.eye(2)[final_pred])[:, None].astype(np.float32))
     np.save(run / "mine" / "eval_neighbors.npy", np.array([(i + 1) % n for i in range(n)])[:, None].repeat(2, 1))
-    (run / "metrics.json").write_text(json.dumps({"stages": {"evaluate": {"scan_heads": {"selected_head": selected}},
+    per_head = [0.5] * heads
+    per_head[selected] = float(np.mean(scan_pred == targets))
+    (run / "metrics.json").write_text(json.dumps({"stages": {"evaluate": {"scan_heads": {"selected_head": selected,
+                                                                                         "acc_per_head": per_head}},
                                                              "scan": {"selection_losses": [0.0] * heads}}}))
     return run
 
@@ -49,7 +52,7 @@ def test_measure_scores_the_selected_head_and_the_final_model(tmp_path):
     run = _fake_run(tmp_path, targets, scan_pred=np.array([0, 0, 0, 1, 1, 1, 1, 1]), final_pred=targets)
     row = posthoc_checks.measure(run, targets, k=1)
     assert (row["acc_scan"], row["acc_final"], row["acc_final_balanced"]) == (87.5, 100.0, 100.0)
-    assert row["k"] == 1 and row["cluster_sizes"] == [4, 4]
+    assert row["k"] == 1 and row["cluster_sizes"] == [4, 4] and row["acc_best_head"] == 87.5
     # pairs (i, i+1 mod 8): the final model splits 2 of 8 pairs (3-4 and 7-0), the SCAN head 2 as well (2-3, 7-0)
     assert row["agreement_final"] == row["agreement_scan"] == 0.75
     with pytest.raises(SystemExit, match="keeps 2 neighbours"):
@@ -87,3 +90,16 @@ def test_loss_ensemble_relabels_the_heads_onto_the_lowest_loss_one():
     assert list(probs.argmax(1)[[0, 1, 3, 4, 5]]) == [0, 0, 1, 1, 1] and probs[2, 0] == pytest.approx(probs[2, 1])
     one = posthoc_checks.loss_ensemble(logits, losses, 1).argmax(1)
     assert list(one) == [0, 0, 1, 1, 1, 1]  # size 1 is the lowest-loss head itself
+
+
+def test_the_entropy_weight_decides_between_a_consistent_and_a_balanced_head():
+    """Head 0 puts every image in one cluster (perfectly consistent, no entropy); head 1 splits the images evenly
+    with two of the eight neighbour pairs across its clusters (consistency about 1.8, entropy log 2): weights 0 and
+    1 keep head 0, weight 5 keeps head 1."""
+    n = 8
+    logits = np.zeros((n, 2, 2), np.float32)
+    logits[:, 0, 0] = 8.0
+    logits[np.arange(n), 1, (np.arange(n) >= 4).astype(int)] = 8.0
+    neighbors = np.array([(i + 1) % n for i in range(n)])[:, None]
+    picks = posthoc_checks.picks_by_weight(logits, neighbors, weights=(0.0, 1.0, 5.0))
+    assert picks == {0.0: 0, 1.0: 0, 5.0: 1}
