@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the repo root importable
 from benchmarks.head_objectives import summary, train_heads  # noqa: E402
 from scan_dist.config import load_config  # noqa: E402
 from scan_dist.context import RunContext  # noqa: E402
+from scan_dist.metrics import neighbor_agreement  # noqa: E402
 from scan_dist.models.mined_space import SCALE, join  # noqa: E402
 from scan_dist.stages.mine import shard_neighbors  # noqa: E402
 from scan_dist.stages.scan import selection_losses  # noqa: E402
@@ -56,17 +57,19 @@ def joint_space(runs: list[Path], split: str, pixel_weight: float) -> torch.Tens
     return join([embedding, _load(runs[0], f"mine/{split}_pixel_pca.npy")], [1.0, pixel_weight])
 
 
+def _neighbors(vectors: torch.Tensor, k: int) -> torch.Tensor:
+    """The mine stage's exact search (CPU, fp32) of every row among the others."""
+    return shard_neighbors(vectors, k, "torch", torch.device("cpu"), "fp32", 0, len(vectors))
+
+
 def score_space(cfg, train: torch.Tensor, evaluation: torch.Tensor, targets: np.ndarray) -> dict:
-    neighbors = shard_neighbors(train, cfg.mine.k, "torch", torch.device("cpu"), "fp32", 0, len(train))
-    eval_neighbors = shard_neighbors(evaluation, cfg.mine.eval_k, "torch", torch.device("cpu"), "fp32", 0,
-                                     len(evaluation)).numpy()
-    agreement_20 = shard_neighbors(evaluation, 20, "torch", torch.device("cpu"), "fp32", 0, len(evaluation)).numpy()
-    heads = train_heads(train * SCALE, neighbors, cfg.num_clusters, cfg, "scan", cfg.run.seed, {})
+    heads = train_heads(train * SCALE, _neighbors(train, cfg.mine.k), cfg.num_clusters, cfg, "scan", cfg.run.seed, {})
     with torch.no_grad():
         logits = heads(evaluation * SCALE)
+    eval_neighbors = _neighbors(evaluation, cfg.mine.eval_k).numpy()
     chosen = int(torch.argmin(selection_losses(logits, eval_neighbors, cfg.scan.select_entropy_weight)))
     out = summary(targets, list(logits.argmax(-1).numpy()), chosen)
-    out["eval_20nn_agreement"] = round(float((targets[agreement_20] == targets[:, None]).mean()), 4)
+    out["eval_20nn_agreement"] = round(neighbor_agreement(targets, _neighbors(evaluation, 20)), 4)
     return out
 
 
