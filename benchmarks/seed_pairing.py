@@ -22,14 +22,19 @@ from pathlib import Path
 
 import numpy as np
 
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scan_dist.report import ReportError, load_run  # noqa: E402
+
 
 def final_acc_by_seed(folder: Path) -> dict[int, float]:
-    """{seed: final ACC} from a `--seeds` folder's seed<S>/metrics.json (unfinished seeds left out)."""
+    """{seed: final ACC} of a `--seeds` folder's finished seed<S> runs, read as `scan_dist.report` reads a run."""
     scores = {}
     for metrics in sorted(folder.glob("seed*/metrics.json")):
         suffix = metrics.parent.name[len("seed"):]
         if suffix.isdigit():
-            scores[int(suffix)] = float(json.loads(metrics.read_text())["stages"]["evaluate"]["final"]["acc"])
+            scores[int(suffix)] = load_run(metrics.parent)["acc"]
     return scores
 
 
@@ -74,13 +79,16 @@ def _groups(argv: list[str]) -> tuple[Path, dict[str, list[Path]]]:
 
 def main(argv: list[str] | None = None) -> None:
     reference_dir, groups = _groups(sys.argv[1:] if argv is None else argv)
-    reference = final_acc_by_seed(reference_dir)
+    try:
+        reference = final_acc_by_seed(reference_dir)
+    except ReportError as err:
+        raise SystemExit(str(err))
     if not reference:
         raise SystemExit(f"{reference_dir}: no seed<S>/metrics.json (a finished --seeds folder is needed)")
     for name, folders in groups.items():
         try:
             row = pairing(reference, {str(f): final_acc_by_seed(f) for f in folders})
-        except ValueError as err:
+        except (ValueError, ReportError) as err:
             raise SystemExit(f"--group {name}: {err}")
         print(json.dumps({"group": name, **row}))
 

@@ -12,7 +12,7 @@ def _seeds(root, name, accs):
     for seed, acc in accs.items():
         (folder / f"seed{seed}").mkdir(parents=True)
         (folder / f"seed{seed}" / "metrics.json").write_text(
-            json.dumps({"stages": {"evaluate": {"final": {"acc": acc}}}}))
+            json.dumps({"acc": acc, "stages": {"evaluate": {"final": {"acc": acc}}}}))
     return folder
 
 
@@ -40,10 +40,13 @@ def test_within_arms_an_arm_effect_does_not_pass_for_agreement(tmp_path):
     assert flat["corr_within_arms"] is None  # undefined, not NaN in the JSON
 
 
-def test_too_few_shared_seeds_and_an_empty_reference_are_named(tmp_path):
+def test_too_few_shared_seeds_an_empty_reference_and_a_broken_file_are_named(tmp_path):
     _seeds(tmp_path, "base", {0: 0.7, 1: 0.72})
     _seeds(tmp_path, "arm", {0: 0.7, 5: 0.72})
     with pytest.raises(SystemExit, match="--group g: 1 .*at least 3"):
         seed_pairing.main([str(tmp_path / "base"), "--group", "g", str(tmp_path / "arm")])
     with pytest.raises(SystemExit, match="no seed<S>/metrics.json"):
         seed_pairing.main([str(tmp_path / "arm" / "seed0"), "--group", "g", str(tmp_path / "arm")])
+    (tmp_path / "arm" / "seed5" / "metrics.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="--group g: cannot read .*seed5.metrics.json"):
+        seed_pairing.main([str(tmp_path / "base"), "--group", "g", str(tmp_path / "arm")])
