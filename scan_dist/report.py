@@ -249,8 +249,10 @@ def _paired_changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[st
     """The ablation table: each changed setup against its preset's reference setup at the same K, seed by seed.
 
     Seeds pair runs that share everything upstream of the change (a `--from` run even shares the unchanged stages'
-    files), so the per-seed difference removes most of the seed-to-seed spread that a difference of two means
-    keeps. Empty when no group is a change of another.
+    files), so for a change after SimCLR the per-seed difference removes most of the seed-to-seed spread that a
+    difference of two means keeps. A change to SimCLR or its views retrains the backbone from the same seed to an
+    unrelated result (demo: correlation -0.12 against 0.67, benchmarks/seed_pairing.py), so its pairs cancel
+    nothing: the footer says so, and the interval stays valid, only wide. Empty when no group is a change of another.
     """
     rows = []
     for (preset, k, change), members in groups.items():
@@ -279,7 +281,10 @@ def _paired_changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[st
               "without a reference run are left out). 95 % interval: Student's t interval of the mean Δ final over "
               "the paired seeds; a change whose interval holds 0 is not shown to help or hurt. Better in: seeds "
               "where the change's final ACC is higher. "
-              "Δ time: the whole run's seconds, stages copied by --from counted at their source's time."]
+              "Δ time: the whole run's seconds, stages copied by --from counted at their source's time. Pairing "
+              "cancels the seed only for changes after SimCLR: a change to SimCLR or its views (pretext.*, model.*, "
+              "its augment.* fields) trains another backbone from the same seed, so its Δ is as noisy as two "
+              "unpaired draws (README, \"A changed SimCLR is a new draw\")."]
     return lines
 
 
