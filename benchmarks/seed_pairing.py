@@ -5,8 +5,8 @@ removes the seed's effect only when the arm's final ACC on a seed follows the re
 prints the Pearson correlation between the reference's and the arms' final ACC over every (arm, seed) pair found,
 for each group of arms given (e.g. SimCLR-side changes against changes after SimCLR), raw and within arms (both
 sides centred on their means over each arm's seeds, so that arms run on different seeds do not pass their effects
-off as agreement). Near 0: the arm is a new draw of the seed
-and its rows are as noisy as unpaired draws; near 1: pairing cancels the seed.
+off as agreement). Near 0: the arm is a new draw of the seed and its rows are as noisy as unpaired draws; near 1:
+pairing cancels the seed.
 
 Usage::
 
