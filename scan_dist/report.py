@@ -2,7 +2,7 @@
 
 Reads the run folders (``metrics.json`` and ``config.yaml``) and writes final ACC/NMI/ARI per setup as mean ± std
 over seeds next to the paper's numbers, accuracy and time per stage, an over-clustering table when one preset was
-run with several K, the changes against a reference setup paired by seed (an ablation table), and bar / line plots.
+run with several K, the changes against a reference setup (an ablation table: paired by seed where the change comes after SimCLR), and bar / line plots.
 A setup is a preset, K and every setting that changes a stage's result (stage_keys.py), so runs that differ only in
 threads, workers or the seed are one setup's seeds, and a run with ``mine.k=10`` is another setup. One run's own
 artifacts (its report.md, PNGs, tables) are `run_report.py`'s.
@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .run_report import _md_table, _save_figure, atomic_write_text
-from .stage_keys import result_settings
+from .stage_keys import result_settings, settings_of
 
 __all__ = ["PAPER_RESULTS", "ReportError", "format_comparison_md", "load_run", "main", "mean_std",
            "write_comparison_plots"]
@@ -68,7 +68,8 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
 
     Keys: ``path``, ``label`` (folder name), ``preset``, ``num_clusters`` (K asked for, from config.yaml),
     ``setup`` (dotted key -> value of every setting that changes a result, except the seed and K),
-    ``seed``, ``acc``/``nmi``/``ari`` (final model), ``acc_many_to_one``, ``clusters_used`` (distinct predicted
+    ``simclr_setup`` (the same for the settings that SimCLR's result depends on: a change there trains another
+    backbone), ``seed``, ``acc``/``nmi``/``ari`` (final model), ``acc_many_to_one``, ``clusters_used`` (distinct predicted
     clusters), ``num_classes``, ``scan_acc`` (what the SCAN stage handed on without labels: a head or an ensemble,
     before self-labelling), ``best_head_acc`` (the SCAN stage's best single head by the labels: what a perfect
     selection rule would hand on),
@@ -118,6 +119,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "num_clusters": int(k) if k is not None else None,
         "seed": run_cfg.get("seed"),
         "setup": _setup(config),
+        "simclr_setup": _simclr_setup(config),
         "acc": _fraction(metrics.get("acc", final.get("acc"))),
         "nmi": _fraction(metrics.get("nmi", final.get("nmi"))),
         "ari": _fraction(metrics.get("ari", final.get("ari"))),
@@ -154,6 +156,13 @@ def _setup(config: Mapping[str, Any]) -> dict[str, Any]:
     """The run's result-changing settings but the seed and K (K has its own column), from its config.yaml."""
     setup = result_settings(config)
     setup.pop("num_clusters", None)
+    return setup
+
+
+def _simclr_setup(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The pretext stage's settings but the seed: two setups that differ here train different backbones."""
+    setup = settings_of(config, "pretext")
+    setup.pop("run.seed", None)
     return setup
 
 
@@ -246,18 +255,23 @@ def overclustering_datasets(runs: Sequence[Mapping[str, Any]]) -> dict[str, list
 
 
 def _paired_changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[str, Any]]]) -> list[str]:
-    """The ablation table: each changed setup against its preset's reference setup at the same K, seed by seed.
+    """The ablation table: each changed setup against its preset's reference setup at the same K.
 
-    Seeds pair runs that share everything upstream of the change (a `--from` run even shares the unchanged stages'
-    files), so for a change after SimCLR the per-seed difference removes most of the seed-to-seed spread that a
-    difference of two means keeps. A change to SimCLR or its views retrains the backbone from the same seed to an
-    unrelated result (demo: correlation -0.12 against 0.67, benchmarks/seed_pairing.py), so its pairs cancel
-    nothing: the footer says so, and the interval stays valid, only wide. Empty when no group is a change of another.
+    A change after SimCLR is compared seed by seed: the runs share everything upstream of the change (a `--from`
+    run even shares the unchanged stages' files), so the per-seed difference removes most of the seed-to-seed
+    spread that a difference of two means keeps. A change to SimCLR or its views (any pretext-stage setting,
+    stage_keys.STAGE_KEYS["pretext"]) trains another backbone from the same seed, whose result does not follow the
+    reference's (demo: correlation -0.12 against 0.67 for later changes, benchmarks/seed_pairing.py), so pairing
+    would cancel nothing and throw away the reference seeds that have no partner: such a row compares the two
+    setups' means over all their seeds, with Welch's interval. Empty when no group is a change of another.
     """
     rows = []
     for (preset, k, change), members in groups.items():
         reference = groups.get((preset, k, ""))
         if not change or reference is None:
+            continue
+        if members[0]["simclr_setup"] != reference[0]["simclr_setup"]:
+            rows.append(_unpaired_row(preset, k, change, members, reference))
             continue
         by_seed = {r["seed"]: r for r in reference if r["seed"] is not None}
         pairs = [(r, by_seed[r["seed"]]) for r in members if r["seed"] in by_seed]
@@ -266,26 +280,46 @@ def _paired_changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[st
                 if r["scan_acc"] is not None and ref["scan_acc"] is not None]
         seconds = [r["seconds"]["total"] - ref["seconds"]["total"] for r, ref in pairs
                    if "total" in r["seconds"] and "total" in ref["seconds"]]
-        rows.append([preset, _DASH if k is None else k, change, len(pairs),
+        rows.append([preset, _DASH if k is None else k, change, "by seed", len(pairs),
                      _seeds([r for r, _ in pairs]) or _DASH, _points(scan), _points(final), _interval(final),
                      ", ".join(f"{d:+.1f}" for d in final) or _DASH,
                      f"{sum(d > 0 for d in final)} of {len(final)}" if final else _DASH,
                      f"{sum(seconds) / len(seconds):+.0f}" if seconds else _DASH])
     if not rows:
         return []
-    lines = ["", "## Changes against the reference setup, paired by seed", ""]
-    lines += _md_table(["Preset", "K", "Change", "n", "Seeds", "Δ SCAN stage ACC", "Δ final ACC",
-                        "95 % interval", "Δ final, per seed", "Better in", "Δ time (s)"], rows, "lrlrlrrrlrr")
-    lines += ["", "Reference: the first run of the preset in the command line and every seed of its setup. Δ = "
-              "change − reference on the same seed, in points: mean ± sample std over the paired seeds (seeds "
-              "without a reference run are left out). 95 % interval: Student's t interval of the mean Δ final over "
-              "the paired seeds; a change whose interval holds 0 is not shown to help or hurt. Better in: seeds "
-              "where the change's final ACC is higher. "
-              "Δ time: the whole run's seconds, stages copied by --from counted at their source's time. Pairing "
-              "cancels the seed only for changes after SimCLR: a change to SimCLR or its views (pretext.*, model.*, "
-              "its augment.* fields) trains another backbone from the same seed, so its Δ is as noisy as two "
-              "unpaired draws (README, \"A changed SimCLR is a new draw\")."]
+    lines = ["", "## Changes against the reference setup", ""]
+    lines += _md_table(["Preset", "K", "Change", "Compared", "n", "Seeds", "Δ SCAN stage ACC", "Δ final ACC",
+                        "95 % interval", "Δ final, per seed", "Better in", "Δ time (s)"], rows, "lrllrlrrrlrr")
+    lines += ["", "Reference: the first run of the preset in the command line and every seed of its setup. Δ in "
+              "points. Compared by seed (a change after SimCLR): Δ = change − reference on the same seed, mean ± "
+              "sample std over the paired seeds (seeds without a reference run are left out); 95 % interval: "
+              "Student's t interval of the mean Δ final. Unpaired (a change to SimCLR or its views, which trains "
+              "another backbone from the same seed, so its pairs would cancel nothing: README, \"A changed SimCLR "
+              "is a new draw\"): Δ = the change's mean over its seeds − the reference's mean over all of its seeds; "
+              "n = the change's runs vs the reference's; 95 % interval: Welch's t interval of that difference. A "
+              "change whose interval holds 0 is not shown to help or hurt. Better in: paired seeds where the "
+              "change's final ACC is higher. Δ time: the whole run's seconds, stages copied by --from counted at "
+              "their source's time."]
     return lines
+
+
+def _unpaired_row(preset: str, k: Any, change: str, members: Sequence[Mapping[str, Any]],
+                  reference: Sequence[Mapping[str, Any]]) -> list[Any]:
+    """A row of the changes table for a setup that retrains SimCLR: differences of means over all seeds."""
+
+    def delta(key: str) -> str:
+        ours, theirs = mean_std([r[key] for r in members])[0], mean_std([r[key] for r in reference])[0]
+        return _DASH if ours is None or theirs is None else f"{100 * (ours - theirs):+.1f}"
+
+    def total(runs: Sequence[Mapping[str, Any]]) -> float | None:
+        return mean_std([r["seconds"].get("total") for r in runs])[0]
+
+    ours_s, theirs_s = total(members), total(reference)
+    return [preset, _DASH if k is None else k, change, "unpaired (SimCLR retrained)",
+            f"{len(members)} vs {len(reference)}", _seeds(members), delta("scan_acc"), delta("acc"),
+            _welch_interval([100 * r["acc"] for r in members if r["acc"] is not None],
+                            [100 * r["acc"] for r in reference if r["acc"] is not None]),
+            _DASH, _DASH, _DASH if ours_s is None or theirs_s is None else f"{ours_s - theirs_s:+.0f}"]
 
 
 def _interval(values: Sequence[float]) -> str:
@@ -302,6 +336,24 @@ def _interval(values: Sequence[float]) -> str:
 
     half = float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
     return f"[{mean - half:+.1f}, {mean + half:+.1f}]"
+
+
+def _welch_interval(ours: Sequence[float], theirs: Sequence[float]) -> str:
+    """'[-4.1, +1.3]': the 95 % Welch t interval of mean(ours) − mean(theirs), two independent samples of
+    possibly unequal spread; '—' when either side has fewer than two values."""
+    mean_a, std_a, n_a = mean_std(ours)
+    mean_b, std_b, n_b = mean_std(theirs)
+    if n_a < 2 or n_b < 2:
+        return _DASH
+    var_a, var_b = std_a ** 2 / n_a, std_b ** 2 / n_b
+    diff = mean_a - mean_b
+    if var_a + var_b == 0:
+        return f"[{diff:+.1f}, {diff:+.1f}]"
+    from scipy.stats import t
+
+    dof = (var_a + var_b) ** 2 / (var_a ** 2 / (n_a - 1) + var_b ** 2 / (n_b - 1))
+    half = float(t.ppf(0.975, dof)) * math.sqrt(var_a + var_b)
+    return f"[{diff - half:+.1f}, {diff + half:+.1f}]"
 
 
 def _points(values: Sequence[float]) -> str:

@@ -207,7 +207,8 @@ def _scores(acc, nmi, ari, m2o, clusters, classes=10):
 
 
 def _fake_run(root, name, preset="cifar10", k=10, seed=0, acc=0.8, nmi=0.7, ari=0.6, m2o=0.81, scan_acc=0.75,
-              selflabel=True, kmeans_acc=0.22, threads=2, mine_k=None, scan_seconds=30.0, other_head=0.5):
+              selflabel=True, kmeans_acc=0.22, threads=2, mine_k=None, scan_seconds=30.0, other_head=0.5,
+              pretext_lr=None):
     """A run folder shaped like pipeline.summarize's metrics.json and the launcher's config.yaml."""
     run = root / name
     run.mkdir(parents=True)
@@ -227,7 +228,8 @@ def _fake_run(root, name, preset="cifar10", k=10, seed=0, acc=0.8, nmi=0.7, ari=
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "config.yaml").write_text(f"# git commit: abc\nname: {preset}\nnum_clusters: {k}\n"
                                      f"data:\n  path: data/x\nrun:\n  seed: {seed}\n  threads: {threads}\n"
-                                     + ("" if mine_k is None else f"mine:\n  k: {mine_k}\n  backend: auto\n"))
+                                     + ("" if mine_k is None else f"mine:\n  k: {mine_k}\n  backend: auto\n")
+                                     + ("" if pretext_lr is None else f"pretext:\n  lr: {pretext_lr}\n"))
     return run
 
 
@@ -358,17 +360,51 @@ def test_setups_group_by_result_settings_and_changes_pair_by_seed(tmp_path):
     assert "| cifar10 | 10 | 3 | 0, 1, 2 | 72.0 ± 2.0 |" in text
     assert "| cifar10 mine.k=10 | 10 | 3 | 0, 1, 7 | 81.7 ± 15.0 |" in text
     # paired: seeds 0 and 1 only; final +3.0 and -1.0, SCAN stage +2.0 and +2.0; 10 s more per run
-    assert "## Changes against the reference setup, paired by seed" in text
+    assert "## Changes against the reference setup" in text
     # the 95 % interval: 1.0 ± t(0.975, 1) · 2.83 / √2 = 1.0 ± 12.71 · 2.0
-    assert ("| cifar10 | 10 | mine.k=10 | 2 | 0, 1 | +2.0 ± 0.0 | +1.0 ± 2.8 | [-24.4, +26.4] | +3.0, -1.0 | 1 of 2 "
-            "| +10 |" in text)
+    assert ("| cifar10 | 10 | mine.k=10 | by seed | 2 | 0, 1 | +2.0 ± 0.0 | +1.0 ± 2.8 | [-24.4, +26.4] | +3.0, -1.0 "
+            "| 1 of 2 | +10 |" in text)
     assert "| k10_s1 | cifar10 mine.k=10 | 10 | 1 |" in text and "| ref_s1 | cifar10 | 10 | 1 |" in text
 
 
+def test_a_simclr_change_is_compared_unpaired_over_all_seeds(tmp_path):
+    """A pretext-stage change retrains the backbone, so its row compares the two setups' means over all their seeds
+    (the reference's unpartnered seeds too) with Welch's interval, while a later change in the same call stays
+    paired by seed."""
+    from scipy.stats import ttest_ind
+
+    root = tmp_path / "runs"
+    ref_acc = {0: 0.70, 1: 0.76, 2: 0.72, 3: 0.75}
+    reference = [_fake_run(root, f"ref_s{s}", seed=s, acc=a, scan_acc=a - 0.01, pretext_lr=0.4)
+                 for s, a in ref_acc.items()]
+    arm_acc = {0: 0.74, 1: 0.71, 5: 0.73}  # seed 5 has no reference partner and still counts
+    simclr = [_fake_run(root, f"lr_s{s}", seed=s, acc=a, scan_acc=a - 0.02, pretext_lr=0.6)
+              for s, a in arm_acc.items()]
+    later = [_fake_run(root, f"k_s{s}", seed=s, acc=ref_acc[s] + 0.01, scan_acc=ref_acc[s], pretext_lr=0.4,
+                       mine_k=10) for s in (0, 1)]
+    runs = [load_run(p) for p in reference + simclr + later]
+    assert runs[0]["simclr_setup"]["pretext.lr"] == 0.4 and "run.seed" not in runs[0]["simclr_setup"]
+    assert "mine.k" not in runs[-1]["simclr_setup"]
+    text = format_comparison_md(runs)
+    ours, theirs = [100 * a for a in arm_acc.values()], [100 * a for a in ref_acc.values()]
+    low, high = ttest_ind(ours, theirs, equal_var=False).confidence_interval(0.95)
+    # final means 72.67 and 73.25: -0.6; SCAN stage 70.67 - 72.25 = -1.6; run seconds (pretext 100 + seed) 102 - 101.5
+    assert (f"| cifar10 | 10 | pretext.lr=0.6 | unpaired (SimCLR retrained) | 3 vs 4 | 0, 1, 5 | -1.6 | -0.6 "
+            f"| [{low:+.1f}, {high:+.1f}] | — | — | +0 |") in text
+    assert "| cifar10 | 10 | mine.k=10 | by seed | 2 | 0, 1 | +1.0 ± 0.0 | +1.0 ± 0.0 | [+1.0, +1.0] |" in text
+
+
+def test_welch_interval_needs_two_runs_a_side():
+    assert report._welch_interval([72.0], [70.0, 74.0]) == "—"
+    assert report._welch_interval([72.0, 72.0], [70.0, 70.0]) == "[+2.0, +2.0]"
+    # equal spreads and sizes: Welch's degrees of freedom are n_a + n_b - 2, as Student's
+    assert report._welch_interval([1.0, 3.0], [0.0, 2.0]) == "[-5.1, +7.1]"
+
+
 def test_one_setup_has_no_ablation_table_and_a_missing_key_is_unset(tmp_path, fake_runs):
-    assert "paired by seed" not in format_comparison_md([load_run(p) for p in fake_runs])
+    assert "## Changes against the reference setup" not in format_comparison_md([load_run(p) for p in fake_runs])
     old = load_run(_fake_run(tmp_path, "old", seed=0))  # a config.yaml without the mine section
     new = load_run(_fake_run(tmp_path, "new", seed=0, acc=0.9, mine_k=10))
     text = format_comparison_md([new, old])
     assert "| cifar10 mine.k=(unset) | 10 | 1 | 0 |" in text
-    assert "| cifar10 | 10 | mine.k=(unset) | 1 | 0 | +0.0 | -10.0 | — | -10.0 | 0 of 1 | +0 |" in text
+    assert "| cifar10 | 10 | mine.k=(unset) | by seed | 1 | 0 | +0.0 | -10.0 | — | -10.0 | 0 of 1 | +0 |" in text
