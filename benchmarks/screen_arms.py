@@ -17,7 +17,10 @@ prepared for a device call (no install, a budget, partial results that come back
 - At `--budget-s` the running ones get SIGTERM (as SLURM's preemption: each checkpoints and stops), and the same
   command later resumes them: finished runs are skipped, stopped ones continue from their checkpoint.
 - After every run that ends, `OUT/screen.json` (each run's status and figures, each arm's paired differences) and
-  `OUT/report.md` (`python -m scan_dist.report` over the finished runs, with the paired ablation table) are rewritten.
+  `OUT/report.md` (`python -m scan_dist.report` over the finished runs, with the ablation table) are rewritten.
+  An arm that changes SimCLR or its views retrains the backbone from each seed, so its paired differences cancel
+  nothing (README, "A changed SimCLR is a new draw"): judge it by report.md's unpaired row (Welch's interval over
+  all seeds), not by screen.json's paired Δ.
 
 Where `scan_dist.kernels` does not import (a checkout not installed with pip, as on the device machine), the script
 and its runs import the package through a folder of symbolic links, as `benchmarks/gpu_check.sh` does.
