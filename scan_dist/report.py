@@ -2,7 +2,8 @@
 
 Reads the run folders (``metrics.json`` and ``config.yaml``) and writes final ACC/NMI/ARI per setup as mean ± std
 over seeds next to the paper's numbers, accuracy and time per stage, an over-clustering table when one preset was
-run with several K, the changes against a reference setup (an ablation table: paired by seed where the change comes after SimCLR), and bar / line plots.
+run with several K, the changes against a reference setup (an ablation table: paired by seed where the change
+comes after SimCLR, unpaired where it retrains SimCLR), and bar / line plots.
 A setup is a preset, K and every setting that changes a stage's result (stage_keys.py), so runs that differ only in
 threads, workers or the seed are one setup's seeds, and a run with ``mine.k=10`` is another setup. One run's own
 artifacts (its report.md, PNGs, tables) are `run_report.py`'s.
@@ -69,9 +70,9 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     Keys: ``path``, ``label`` (folder name), ``preset``, ``num_clusters`` (K asked for, from config.yaml),
     ``setup`` (dotted key -> value of every setting that changes a result, except the seed and K),
     ``simclr_setup`` (the same for the settings that SimCLR's result depends on: a change there trains another
-    backbone), ``seed``, ``acc``/``nmi``/``ari`` (final model), ``acc_many_to_one``, ``clusters_used`` (distinct predicted
-    clusters), ``num_classes``, ``scan_acc`` (what the SCAN stage handed on without labels: a head or an ensemble,
-    before self-labelling), ``best_head_acc`` (the SCAN stage's best single head by the labels: what a perfect
+    backbone), ``seed``, ``acc``/``nmi``/``ari`` (final model), ``acc_many_to_one``, ``clusters_used`` (distinct
+    predicted clusters), ``num_classes``, ``scan_acc`` (what the SCAN stage handed on without labels: a head or an
+    ensemble, before self-labelling), ``best_head_acc`` (the SCAN stage's best single head by the labels: what a perfect
     selection rule would hand on),
     ``selflabel`` (whether that stage ran), ``kmeans_acc`` (the k-means-on-pixels baseline) and ``seconds``
     (stage -> seconds, with ``total``). Raises :class:`ReportError` for a folder that is not a finished run.
@@ -254,7 +255,7 @@ def overclustering_datasets(runs: Sequence[Mapping[str, Any]]) -> dict[str, list
     return {preset: sorted(values) for preset, values in ks.items() if len(values) > 1}
 
 
-def _paired_changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[str, Any]]]) -> list[str]:
+def _changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[str, Any]]]) -> list[str]:
     """The ablation table: each changed setup against its preset's reference setup at the same K.
 
     A change after SimCLR is compared seed by seed: the runs share everything upstream of the change (a `--from`
@@ -417,7 +418,7 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
               "by the labels, what a perfect selection rule would hand on (a diagnostic: the runs never read it); "
               "Self-label Δ: Final − SCAN stage, in points."]
 
-    lines += _paired_changes_md(groups)
+    lines += _changes_md(groups)
 
     lines += ["", "## Per stage", ""]
     stage_names = _stage_order(runs)
