@@ -333,10 +333,7 @@ def _interval(values: Sequence[float]) -> str:
     mean, std, n = mean_std(values)
     if n < 2:
         return _DASH
-    from scipy.stats import t  # scipy is a dependency; imported here to keep the report's import light
-
-    half = float(t.ppf(0.975, n - 1)) * std / math.sqrt(n)
-    return f"[{mean - half:+.1f}, {mean + half:+.1f}]"
+    return _t_interval(mean, std / math.sqrt(n), n - 1)
 
 
 def _welch_interval(ours: Sequence[float], theirs: Sequence[float]) -> str:
@@ -347,14 +344,17 @@ def _welch_interval(ours: Sequence[float], theirs: Sequence[float]) -> str:
     if n_a < 2 or n_b < 2:
         return _DASH
     var_a, var_b = std_a ** 2 / n_a, std_b ** 2 / n_b
-    diff = mean_a - mean_b
-    if var_a + var_b == 0:
-        return f"[{diff:+.1f}, {diff:+.1f}]"
-    from scipy.stats import t
+    # Welch-Satterthwaite degrees of freedom; without spread on either side any value gives a zero-width interval.
+    dof = (var_a + var_b) ** 2 / (var_a ** 2 / (n_a - 1) + var_b ** 2 / (n_b - 1)) if var_a + var_b else 1.0
+    return _t_interval(mean_a - mean_b, math.sqrt(var_a + var_b), dof)
 
-    dof = (var_a + var_b) ** 2 / (var_a ** 2 / (n_a - 1) + var_b ** 2 / (n_b - 1))
-    half = float(t.ppf(0.975, dof)) * math.sqrt(var_a + var_b)
-    return f"[{diff - half:+.1f}, {diff + half:+.1f}]"
+
+def _t_interval(centre: float, standard_error: float, dof: float) -> str:
+    """'[-0.4, +2.0]': centre ± the 97.5 % quantile of Student's t at `dof` times the standard error."""
+    from scipy.stats import t  # scipy is a dependency; imported here to keep the report's import light
+
+    half = float(t.ppf(0.975, dof)) * standard_error
+    return f"[{centre - half:+.1f}, {centre + half:+.1f}]"
 
 
 def _points(values: Sequence[float]) -> str:
