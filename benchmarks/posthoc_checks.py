@@ -145,6 +145,17 @@ def summary(rows: list[dict]) -> dict:
     return out
 
 
+def evaluation_targets(run: Path, required=RUN_FILES) -> np.ndarray:
+    """The labels of a finished run folder's evaluation images, read by the stages' own reader of that split (same
+    subset, format detection and listing as the run); SystemExit naming what is missing when a file of `required`
+    is not there."""
+    missing = [name for name in required if not (run / name).exists()]
+    if missing:
+        raise SystemExit(f"{run}: not a finished run folder (missing {', '.join(missing)})")
+    cfg = load_config(str(run / "config.yaml"))
+    return np.asarray(RunContext(cfg, run, logging.getLogger("posthoc_checks")).eval_set.targets)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("runs", nargs="+", type=Path,
@@ -153,13 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
-        missing = [name for name in RUN_FILES if not (run / name).exists()]
-        if missing:
-            raise SystemExit(f"{run}: not a finished run folder (missing {', '.join(missing)})")
-        cfg = load_config(str(run / "config.yaml"))
-        # the stages' own reader of the evaluation split (same subset, format detection and listing as the run)
-        targets = np.asarray(RunContext(cfg, run, logging.getLogger("posthoc_checks")).eval_set.targets)
-        rows.append(measure(run, targets, args.k))
+        rows.append(measure(run, evaluation_targets(run, RUN_FILES), args.k))
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"summary": summary(rows)}), flush=True)
 
