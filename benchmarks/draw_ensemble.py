@@ -6,7 +6,8 @@ draws, so the one way left to use several draws is to combine them. Each finishe
 its SCAN stage's selected head) gives class probabilities on the evaluation images; every subset of the runs of
 each size is combined the way `scan.select=ensemble` combines heads (`head_consensus.ensemble`: the run agreeing
 most with the others is the medoid, every other run is relabelled onto its clusters by Hungarian matching of the
-assignments, probabilities averaged). The alignment reads no label; the scores do.
+assignments, probabilities averaged). The alignment reads no label; the scores do. As a degenerate head there, a
+run that leaves a cluster empty is left out of a subset where the others use every cluster.
 
 One JSON line per subset (its ensemble's ACC, its members' mean and best), then one summary line per stage and
 size: the mean and the worst ensemble, and the mean gain over the members' mean.

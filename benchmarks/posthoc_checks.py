@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
-        rows.append(measure(run, evaluation_targets(run, RUN_FILES), args.k))
+        rows.append(measure(run, evaluation_targets(run), args.k))
         print(json.dumps(rows[-1]), flush=True)
     print(json.dumps({"summary": summary(rows)}), flush=True)
 

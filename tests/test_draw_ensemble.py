@@ -4,7 +4,7 @@ import numpy as np
 from benchmarks import draw_ensemble
 
 
-def _runs_wrong_on_different_thirds(targets, classes=3):
+def _runs_wrong_on_different_tenths(targets, classes=3):
     """Three runs, each confidently wrong on another tenth of the images, each with its own cluster ids."""
     n = len(targets)
     runs = []
@@ -19,7 +19,7 @@ def _runs_wrong_on_different_thirds(targets, classes=3):
 
 def test_an_ensemble_of_runs_with_independent_mistakes_beats_every_member():
     targets = np.repeat(np.arange(3), 100)
-    runs = _runs_wrong_on_different_thirds(targets)
+    runs = _runs_wrong_on_different_tenths(targets)
     rows = draw_ensemble.subsets(["a", "b", "c"], runs, targets, sizes=[2, 3])
     assert [row["size"] for row in rows] == [2, 2, 2, 3]
     assert all(row["acc_members_mean"] == 90.0 for row in rows)
