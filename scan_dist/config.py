@@ -87,6 +87,9 @@ class MineConfig:
     backend: str = "auto"  # auto (Triton on CUDA, else torch) | torch | faiss | triton
     precision: str = "fp32"  # k-NN scores: fp32 | fp16 (Triton fast path: fp16 candidates, fp32 re-rank, still exact)
     eval_k: int = 5  # neighbours mined within the evaluation set (head selection only; no labels)
+    mutual: bool = False  # keep a training neighbour j of i only when i is among j's k too (rows filled by repeating
+    #                       those; a row with none keeps its list): what SCAN and self-labelling read. Demo: purer
+    #                       pairs (0.834 against 0.821), −4.7 final ACC over two paired seeds (README)
 
 
 @dataclass

@@ -63,7 +63,8 @@ LEGACY_STAGE_KEYS: dict[str, tuple[str, ...]] = {
 # without it: at that value the setting stays out of every hash (and out of the report's setup label), so adding a
 # setting reruns no finished stage; any other value counts like every other key. tests/test_stage_keys.py.
 ADDED_LATER: dict[str, Any] = {"mine.pixel_weight": 1.0, "selflabel.teacher_flip": False, "scan.candidate_heads": 0,
-                                 "scan.screen_fraction": 0.15, "scan.ensemble_rank": "agreement"}
+                                 "scan.screen_fraction": 0.15, "scan.ensemble_rank": "agreement",
+                                 "mine.mutual": False}
 
 _MISSING = object()
 

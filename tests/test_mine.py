@@ -1,8 +1,13 @@
-"""Mining: self removal with duplicates, pixel PCA, and neighbours found in each search space."""
+"""Mining: self removal with duplicates, pixel PCA, neighbours found in each search space, mutual neighbours."""
+import json
+
+import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 
-from scan_dist.stages.mine import drop_self, find_neighbors, fit_pixel_pca
+from gloo import free_port, gloo_group
+from scan_dist.stages.mine import drop_self, find_neighbors, fit_pixel_pca, keep_mutual, mutual_split
 
 
 def test_drop_self_wherever_it_is():
@@ -26,6 +31,61 @@ def test_find_neighbors_with_duplicate_rows():
     vectors = torch.cat([base, base])  # every row has an exact twin
     nn = find_neighbors(vectors, 1, "torch", torch.device("cpu"))
     assert nn.squeeze(1).tolist() == [5, 6, 7, 8, 9, 0, 1, 2, 3, 4]
+
+
+def test_keep_mutual_keeps_only_pairs_that_list_each_other():
+    neighbors = np.array([
+        [1, 2],  # 0: 1 lists 0 back, 2 does not
+        [0, 3],  # 1: 0 lists 1, 3 does not
+        [3, 4],  # 2: 3 lists 2, 4 does not
+        [2, 0],  # 3: 2 lists 3, 0 does not
+        [3, 0],  # 4: neither lists 4: the row is kept as it is
+    ])
+    rows, pairs, lonely = keep_mutual(neighbors, 0, 5)
+    assert rows.tolist() == [[1, 1], [0, 0], [3, 3], [2, 2], [3, 0]]
+    assert (pairs, lonely) == (4, 1)
+
+
+def test_keep_mutual_is_the_same_in_any_chunks_and_shards():
+    torch.manual_seed(0)
+    vectors = torch.nn.functional.normalize(torch.randn(300, 6), dim=1)
+    neighbors = find_neighbors(vectors, 7, "torch", torch.device("cpu")).numpy()
+    whole, pairs, lonely = keep_mutual(neighbors, 0, 300)
+    parts = [keep_mutual(neighbors, a, b, chunk=16) for a, b in [(0, 100), (100, 173), (173, 300)]]
+    assert np.array_equal(np.concatenate([p[0] for p in parts]), whole)
+    assert sum(p[1] for p in parts) == pairs and sum(p[2] for p in parts) == lonely
+    listed = {(i, int(j)) for i in range(300) for j in neighbors[i]}
+    for i in range(300):
+        mutual = [int(j) for j in neighbors[i] if (int(j), i) in listed]
+        if mutual:  # only mutual neighbours, each in 7 // m or 7 // m + 1 of the row's columns
+            assert set(whole[i].tolist()) == set(mutual)
+            counts = np.bincount(whole[i], minlength=300)[mutual]
+            assert counts.max() - counts.min() <= 1
+        else:
+            assert whole[i].tolist() == neighbors[i].tolist()
+    assert pairs == sum((i, int(j)) in {(b, a) for a, b in listed} for i in range(300) for j in neighbors[i])
+
+
+def _mutual_worker(rank: int, world: int, port: int, out_dir: str):
+    with gloo_group(rank, world, port):
+        rows, pair_share, lonely_share = mutual_split(f"{out_dir}/knn.npy", f"{out_dir}/mutual.npy")
+        with open(f"{out_dir}/seen{rank}.json", "w") as f:
+            json.dump({"rows": np.asarray(rows).tolist(), "shares": [pair_share, lonely_share]}, f)
+
+
+@pytest.mark.dist
+def test_mutual_split_over_two_ranks_equals_one(tmp_path):
+    torch.manual_seed(1)
+    vectors = torch.nn.functional.normalize(torch.randn(101, 5), dim=1)
+    neighbors = find_neighbors(vectors, 6, "torch", torch.device("cpu")).numpy()
+    np.save(tmp_path / "knn.npy", neighbors)
+    expected, pairs, lonely = keep_mutual(neighbors, 0, 101)
+    mp.spawn(_mutual_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert np.array_equal(np.load(tmp_path / "mutual.npy"), expected)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"seen{rank}.json").read_text())
+        assert seen["rows"] == expected.tolist()
+        assert seen["shares"] == pytest.approx([pairs / neighbors.size, lonely / 101])
 
 
 def test_pixel_pca_projects_onto_top_components():

@@ -99,6 +99,30 @@ def test_start_from_copies_the_matching_stages_and_runs_the_rest(smoke_run, tmp_
     assert again.returncode == 0 and "no stage to copy" in again.stderr and ": running" not in again.stderr
 
 
+def test_mutual_neighbours_rerun_mine_onward_and_keep_only_mutual_pairs(smoke_run, tmp_path):
+    """mine.mutual=true: pretext and embed are copied, mine reruns; the plain lists stay as train_knn.npy and the
+    lists handed on hold only pairs that list each other (rows without one keep theirs), as the metrics count."""
+    import numpy as np
+
+    source, _ = smoke_run
+    run_dir = tmp_path / "mutual"
+    result = launch(run_dir, *FULL_SCAN, "mine.mutual=true", f"run.start_from={source}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "copied pretext, embed from" in result.stderr and "stage mine: running" in result.stderr
+    knn = np.load(run_dir / "mine" / "train_knn.npy")
+    assert np.array_equal(knn, np.load(source / "mine" / "train_neighbors.npy"))
+    kept = np.load(run_dir / "mine" / "train_neighbors.npy")
+    listed = {(i, int(j)) for i, row in enumerate(knn) for j in row}
+    mutual = np.array([[(int(j), i) in listed for j in row] for i, row in enumerate(knn)])
+    lonely = ~mutual.any(axis=1)
+    assert np.array_equal(kept[lonely], knn[lonely])
+    assert all((int(j), i) in listed for i in np.flatnonzero(~lonely) for j in kept[i])
+    mine = json.loads((run_dir / "metrics.json").read_text())["stages"]["mine"]
+    assert mine["mutual_pair_share"] == pytest.approx(mutual.mean())
+    assert mine["rows_without_mutual"] == pytest.approx(lonely.mean())
+    assert 0 < mutual.mean() < 1
+
+
 def test_sigkill_mid_scan_resumes_to_same_metrics(smoke_run, tmp_path):
     reference = json.loads((smoke_run[0] / "metrics.json").read_text())
     run_dir = tmp_path / "killed"

@@ -3,7 +3,7 @@
 Neighbours of the evaluation images among themselves are mined too: they serve only to select the best cluster
 head by its SCAN loss, never with labels. The search space is the pretext embedding, a PCA of the pixels, or both
 (concatenated, each half L2-normalised, so the cosine is the mean of the two cosines; `mine.pixel_weight` w
-weighs them 1 : w^2).
+weighs them 1 : w^2). With `mine.mutual` the training lists keep only mutual neighbours (`keep_mutual`).
 """
 from __future__ import annotations
 
@@ -141,17 +141,67 @@ def mine_split(cfg, ctx, vectors, k: int, path) -> np.ndarray:
     return out.close()
 
 
+MUTUAL_CHUNK = 16384  # anchor rows filtered at a time: their neighbours' lists are [chunk, k, k] int64 (51 MB at k=20)
+
+
+def keep_mutual(neighbors: np.ndarray, start: int, stop: int,
+                chunk: int = MUTUAL_CHUNK) -> tuple[np.ndarray, int, int]:
+    """(rows [start, stop) of the mutual lists, their number of mutual pairs, their number of rows without one)
+    from k-NN lists [N, k].
+
+    Neighbour j of i is mutual when i is among j's k neighbours too. A row keeps its k columns: its mutual
+    neighbours in their rank order, repeated cyclically to fill the row, so sampling a column uniformly samples
+    them uniformly to within one repeat (the nearer ones take the k mod m extra columns); a row without any
+    mutual neighbour keeps its list. Reads the neighbours' rows chunk by chunk: memory does not grow with N.
+    """
+    k = neighbors.shape[1]
+    out = np.empty((stop - start, k), dtype=np.int64)
+    pairs = lonely = 0
+    for first in range(start, stop, chunk):
+        last = min(first + chunk, stop)
+        lists = np.asarray(neighbors[first:last], dtype=np.int64)
+        back = np.asarray(neighbors[lists.reshape(-1)], dtype=np.int64).reshape(len(lists), k, k)
+        mutual = (back == np.arange(first, last)[:, None, None]).any(axis=2)
+        count = mutual.sum(axis=1)
+        pairs, lonely = pairs + int(count.sum()), lonely + int((count == 0).sum())
+        mutual_first = np.take_along_axis(lists, np.argsort(~mutual, axis=1, kind="stable"), axis=1)
+        cycled = np.take_along_axis(mutual_first, np.arange(k)[None, :] % np.maximum(count, 1)[:, None], axis=1)
+        out[first - start:last - start] = np.where((count == 0)[:, None], lists, cycled)
+    return out, pairs, lonely
+
+
+def mutual_split(path_in, path_out) -> tuple[np.ndarray, float, float]:
+    """The mutual lists of the k-NN lists at `path_in`, written row-sharded to `path_out` and mapped; with the
+    share of pairs that are mutual and of rows that have none (both over all ranks)."""
+    neighbors = np.load(path_in, mmap_mode="r")
+    start, stop = comm.shard_range(len(neighbors))
+    out = SharedRows(path_out, len(neighbors), (neighbors.shape[1],), np.int64)
+    rows, pairs, lonely = keep_mutual(neighbors, start, stop)
+    out.write(start, rows)
+    pairs, lonely = np.sum(comm.all_gather_object((pairs, lonely)), axis=0)
+    return out.close(), float(pairs / neighbors.size), float(lonely / len(neighbors))
+
+
 def run(cfg, ctx, config_hash: str) -> dict:
     spaces = search_space(cfg, ctx)
     out_dir = ctx.stage_dir("mine")
-    train_nn = mine_split(cfg, ctx, spaces["train"], cfg.mine.k, out_dir / "train_neighbors.npy")
+    knn_path = out_dir / ("train_knn.npy" if cfg.mine.mutual else "train_neighbors.npy")
+    train_nn = mine_split(cfg, ctx, spaces["train"], cfg.mine.k, knn_path)
     eval_nn = mine_split(cfg, ctx, spaces["eval"], cfg.mine.eval_k, out_dir / "eval_neighbors.npy")
     metrics = {"k": int(train_nn.shape[1])}
+    if cfg.mine.mutual:
+        knn = train_nn
+        train_nn, metrics["mutual_pair_share"], metrics["rows_without_mutual"] = mutual_split(
+            knn_path, out_dir / "train_neighbors.npy")
+        ctx.log.info("mine: %.1f%% of the %d-NN pairs are mutual; %.2f%% of the images have none (their lists kept)",
+                     100 * metrics["mutual_pair_share"], train_nn.shape[1], 100 * metrics["rows_without_mutual"])
     # Diagnostic only (never used by any later stage): how often neighbours share the label.
     if ctx.train_set.targets is not None:
         metrics["train_neighbor_agreement"] = neighbor_agreement(ctx.train_set.targets, np.asarray(train_nn))
         ctx.log.info("mine: %d-NN label agreement on train (diagnostic) %.4f", train_nn.shape[1],
                      metrics["train_neighbor_agreement"])
+        if cfg.mine.mutual:
+            metrics["train_knn_agreement"] = neighbor_agreement(ctx.train_set.targets, np.asarray(knn))
     if ctx.eval_set.targets is not None:
         metrics["eval_neighbor_agreement"] = neighbor_agreement(ctx.eval_set.targets, np.asarray(eval_nn))
     return {"artifacts": {"train_neighbors": str(out_dir / "train_neighbors.npy"),
