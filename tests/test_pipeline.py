@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,8 +103,6 @@ def test_start_from_copies_the_matching_stages_and_runs_the_rest(smoke_run, tmp_
 def test_mutual_neighbours_rerun_mine_onward_and_keep_only_mutual_pairs(smoke_run, tmp_path):
     """mine.mutual=true: pretext and embed are copied, mine reruns; the plain lists stay as train_knn.npy and the
     lists handed on hold only pairs that list each other (rows without one keep theirs), as the metrics count."""
-    import numpy as np
-
     source, _ = smoke_run
     run_dir = tmp_path / "mutual"
     result = launch(run_dir, *FULL_SCAN, "mine.mutual=true", f"run.start_from={source}")
