@@ -70,7 +70,7 @@ def test_keep_mutual_is_the_same_in_any_chunks_and_shards():
 
 def _mutual_worker(rank: int, world: int, port: int, out_dir: str):
     with gloo_group(rank, world, port):
-        rows, pair_share, lonely_share = mutual_split(f"{out_dir}/knn.npy", f"{out_dir}/mutual.npy")
+        rows, pair_share, lonely_share = mutual_split(np.load(f"{out_dir}/knn.npy", mmap_mode="r"), f"{out_dir}/mutual.npy")
         with open(f"{out_dir}/seen{rank}.json", "w") as f:
             json.dump({"rows": np.asarray(rows).tolist(), "shares": [pair_share, lonely_share]}, f)
 

@@ -170,10 +170,9 @@ def keep_mutual(neighbors: np.ndarray, start: int, stop: int,
     return out, pairs, lonely
 
 
-def mutual_split(path_in, path_out) -> tuple[np.ndarray, float, float]:
-    """The mutual lists of the k-NN lists at `path_in`, written row-sharded to `path_out` and mapped; with the
-    share of pairs that are mutual and of rows that have none (both over all ranks)."""
-    neighbors = np.load(path_in, mmap_mode="r")
+def mutual_split(neighbors: np.ndarray, path_out) -> tuple[np.ndarray, float, float]:
+    """The mutual lists of the k-NN lists `neighbors` (every rank's map of them), written row-sharded to `path_out`
+    and mapped; with the share of pairs that are mutual and of rows that have none (both over all ranks)."""
     start, stop = comm.shard_range(len(neighbors))
     out = SharedRows(path_out, len(neighbors), (neighbors.shape[1],), np.int64)
     rows, pairs, lonely = keep_mutual(neighbors, start, stop)
@@ -192,7 +191,7 @@ def run(cfg, ctx, config_hash: str) -> dict:
     if cfg.mine.mutual:
         knn = train_nn
         train_nn, metrics["mutual_pair_share"], metrics["rows_without_mutual"] = mutual_split(
-            knn_path, out_dir / "train_neighbors.npy")
+            knn, out_dir / "train_neighbors.npy")
         ctx.log.info("mine: %.1f%% of the %d-NN pairs are mutual; %.2f%% of the images have none (their lists kept)",
                      100 * metrics["mutual_pair_share"], train_nn.shape[1], 100 * metrics["rows_without_mutual"])
     # Diagnostic only (never used by any later stage): how often neighbours share the label.
