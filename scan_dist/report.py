@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .reproducibility import kind_label, same_kind
 from .run_report import _md_table, _save_figure, atomic_write_text
 from .stage_keys import result_settings, settings_of
 
@@ -74,8 +75,9 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     predicted clusters), ``num_classes``, ``scan_acc`` (what the SCAN stage handed on without labels: a head or an
     ensemble, before self-labelling), ``best_head_acc`` (the SCAN stage's best single head by the labels: what a perfect
     selection rule would hand on),
-    ``selflabel`` (whether that stage ran), ``kmeans_acc`` (the k-means-on-pixels baseline) and ``seconds``
-    (stage -> seconds, with ``total``). Raises :class:`ReportError` for a folder that is not a finished run.
+    ``selflabel`` (whether that stage ran), ``kmeans_acc`` (the k-means-on-pixels baseline), ``seconds``
+    (stage -> seconds, with ``total``) and ``machines`` (stage -> the reproducibility.machine() record it ran on,
+    for the stages that kept one; a stage copied by --from keeps its source's). Raises :class:`ReportError` for a folder that is not a finished run.
     """
     import yaml
 
@@ -113,6 +115,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     # K is the number of clusters asked for; final["num_clusters"] only counts the clusters that got samples.
     k = config.get("num_clusters", final.get("num_clusters"))
     seconds = metrics.get("seconds") if isinstance(metrics.get("seconds"), Mapping) else {}
+    machines = metrics.get("machines") if isinstance(metrics.get("machines"), Mapping) else {}
     return {
         "path": path,
         "label": path.resolve().name or str(path),
@@ -132,6 +135,7 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
         "selflabel": "selflabel" in stages,
         "kmeans_acc": _fraction(baseline.get("acc")) if isinstance(baseline, Mapping) else None,
         "seconds": {str(name): float(sec) for name, sec in seconds.items() if _fraction(sec) is not None},
+        "machines": {str(stage): dict(info) for stage, info in machines.items() if isinstance(info, Mapping)},
     }
 
 
@@ -255,6 +259,51 @@ def overclustering_datasets(runs: Sequence[Mapping[str, Any]]) -> dict[str, list
     return {preset: sorted(values) for preset, values in ks.items() if len(values) > 1}
 
 
+def run_machine(run: Mapping[str, Any]) -> str:
+    """The kind of machine a run ran on, in words: its stages' kinds, each once ('?' when none was kept)."""
+    labels: list[str] = []
+    for info in run.get("machines", {}).values():
+        if kind_label(info) not in labels:
+            labels.append(kind_label(info))
+    return " + ".join(labels) or "?"
+
+
+def same_machine(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool | None:
+    """Whether every stage both runs kept a machine record for ran on one kind of machine (a stage one --from
+    run copied from the other is the same record); None when they share no recorded stage."""
+    machines_a, machines_b = a.get("machines", {}), b.get("machines", {})
+    verdicts = [same_kind(machines_a[stage], machines_b[stage]) for stage in machines_a if stage in machines_b]
+    if not verdicts:
+        return None
+    return all(verdicts)
+
+
+def _same_machine_cell(verdicts: Sequence[bool | None]) -> str:
+    """'3 of 3', '1 of 3', '2 of 3 (1 unknown)': how many comparisons ran on one kind of machine."""
+    if not verdicts:
+        return _DASH
+    unknown = sum(v is None for v in verdicts)
+    cell = f"{sum(v is True for v in verdicts)} of {len(verdicts)}"
+    return f"{cell} ({unknown} unknown)" if unknown else cell
+
+
+def _machines_md(runs: Sequence[Mapping[str, Any]]) -> list[str]:
+    """A table of the machine kinds the runs ran on, when they ran on more than one (empty otherwise)."""
+    kinds: dict[str, list[str]] = {}
+    for run in runs:
+        kinds.setdefault(run_machine(run), []).append(run["label"])
+    if len(kinds) < 2:
+        return []
+    lines = ["", "## Machines", ""]
+    lines += _md_table(["Machine", "n", "Runs"], [[kind, len(labels), ", ".join(labels)]
+                                                   for kind, labels in kinds.items()], "lrl")
+    lines += ["", "These runs ran on more than one kind of machine. A seed repeats its digits only on one kind "
+              "(processor and the instruction set torch's CPU kernels use, threads, torch build, GPU): on another "
+              "it is another draw of the same distribution, so a Δ between runs of two kinds holds that draw too "
+              "(the changes table's \"Same machine\" column counts the comparisons that do not)."]
+    return lines
+
+
 def _changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[str, Any]]]) -> list[str]:
     """The ablation table: each changed setup against its preset's reference setup at the same K.
 
@@ -285,12 +334,14 @@ def _changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[str, Any]
                      _seeds([r for r, _ in pairs]) or _DASH, _points(scan), _points(final), _interval(final),
                      ", ".join(f"{d:+.1f}" for d in final) or _DASH,
                      f"{sum(d > 0 for d in final)} of {len(final)}" if final else _DASH,
-                     f"{sum(seconds) / len(seconds):+.0f}" if seconds else _DASH])
+                     f"{sum(seconds) / len(seconds):+.0f}" if seconds else _DASH,
+                     _same_machine_cell([same_machine(r, ref) for r, ref in pairs])])
     if not rows:
         return []
     lines = ["", "## Changes against the reference setup", ""]
     lines += _md_table(["Preset", "K", "Change", "Compared", "n", "Seeds", "Δ SCAN stage ACC", "Δ final ACC",
-                        "95 % interval", "Δ final, per seed", "Better in", "Δ time (s)"], rows, "lrllrlrrrlrr")
+                        "95 % interval", "Δ final, per seed", "Better in", "Δ time (s)", "Same machine"], rows,
+                       "lrllrlrrrlrrr")
     lines += ["", "Reference: the first run of the preset in the command line and every seed of its setup. Δ in "
               "points. Compared by seed (a change after SimCLR): Δ = change − reference on the same seed, mean ± "
               "sample std over the paired seeds (seeds without a reference run are left out); 95 % interval: "
@@ -300,7 +351,9 @@ def _changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[str, Any]
               "n = the change's runs vs the reference's; 95 % interval: Welch's t interval of that difference. A "
               "change whose interval holds 0 is not shown to help or hurt. Better in: paired seeds where the "
               "change's final ACC is higher. Δ time: the whole run's seconds, stages copied by --from counted at "
-              "their source's time."]
+              "their source's time. Same machine: the pairs (unpaired: the change's runs against every reference "
+              "run) whose stages ran on one kind of machine; on another kind a seed is another draw, so a pair "
+              "that is not cancels less of the seed's spread."]
     return lines
 
 
@@ -320,7 +373,14 @@ def _unpaired_row(preset: str, k: Any, change: str, members: Sequence[Mapping[st
             f"{len(members)} vs {len(reference)}", _seeds(members), delta("scan_acc"), delta("acc"),
             _welch_interval([100 * r["acc"] for r in members if r["acc"] is not None],
                             [100 * r["acc"] for r in reference if r["acc"] is not None]),
-            _DASH, _DASH, _DASH if ours_s is None or theirs_s is None else f"{ours_s - theirs_s:+.0f}"]
+            _DASH, _DASH, _DASH if ours_s is None or theirs_s is None else f"{ours_s - theirs_s:+.0f}",
+            _same_machine_cell([_all_same(r, reference) for r in members])]
+
+
+def _all_same(run: Mapping[str, Any], others: Sequence[Mapping[str, Any]]) -> bool | None:
+    """same_machine of ``run`` with each of ``others``: False if any differs, None if any is unknown, else True."""
+    verdicts = [same_machine(run, other) for other in others]
+    return False if False in verdicts else None if None in verdicts else True
 
 
 def _interval(values: Sequence[float]) -> str:
@@ -442,6 +502,8 @@ def format_comparison_md(runs: Sequence[Mapping[str, Any]], plots: Sequence[str 
               "before self-labelling; Final: the "
               "model the run ends with (after self-labelling when that stage ran; Self-label Δ = Final − SCAN head). "
               "k-means: k-means on PCA-reduced pixels. Stage times in seconds."]
+
+    lines += _machines_md(runs)
 
     multi_k = overclustering_datasets(runs)
     if multi_k:

@@ -11,10 +11,11 @@ fixed order either way.
 
 It is not part of any stage's config hash: it changes how reproducible a stage is, not what it computes.
 
-`machine()` names what a stage's float results depend on beyond its settings (processor or GPU, threads, torch
-build); every stage's `DONE` marker and `metrics.json` (`machines`) keep it. The same seed gives the same digits
-only on the same kind of machine: the demo's seed 0 ended 74.14 on one 2-core VM and 71.38 on an AMD EPYC one
-(benchmarks/results/accuracy_history.md, seventh pass), with identical code.
+`machine()` names what a stage's float results depend on beyond its settings (processor, the instruction set torch
+dispatches its CPU kernels to, threads, torch build, GPU); every stage's `DONE` marker and `metrics.json`
+(`machines`) keep it, and `python -m scan_dist.report` marks comparisons across kinds (`same_kind`). The same seed
+gives the same digits only on the same kind of machine: the demo's seed 0 ended 74.14 on one 2-core VM and 71.38 on
+an AMD EPYC one (benchmarks/results/accuracy_history.md, seventh pass), with identical code.
 """
 from __future__ import annotations
 
@@ -53,12 +54,55 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def cpu_capability() -> str | None:
+    """The instruction set torch picked for its CPU kernels ('AVX2', 'AVX512', 'DEFAULT', ...), None if unknown.
+
+    Two processors with one model name can differ here (the twenty-third pass's 'AMD EPYC' had AVX2 and no
+    AVX-512), and this, not the name, picks the kernels whose float sums a SCAN run amplifies."""
+    query = getattr(getattr(torch.backends, "cpu", None), "get_cpu_capability", None)
+    try:
+        return str(query()) if query is not None else None
+    except Exception:  # noqa: BLE001 - a record of the machine must never stop a run
+        return None
+
+
 def machine(device: torch.device | str | None = None) -> dict:
     """What a stage's float results depend on beyond its settings, for its DONE marker and metrics.json."""
-    info = {"cpu": cpu_model(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
+    info = {"cpu": cpu_model(), "cpu_capability": cpu_capability(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
     device = torch.device(device) if device is not None else None
     if device is not None and device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
     return info
+
+
+# The entries of machine() that pick the kernels, and so the float results: not the core count (threads is what
+# torch uses) nor the Python version.
+KIND_KEYS = ("cpu", "cpu_capability", "threads", "torch", "gpu", "cuda")
+
+
+def same_kind(a: dict | None, b: dict | None) -> bool | None:
+    """Whether two machine() records are one kind of machine: every KIND_KEYS entry both name is equal.
+
+    None (unknown) when either record is missing, as for a stage finished by a version that kept none; an entry
+    only one side names (an older record without `cpu_capability`) is not held against them."""
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return None
+    return all(a[key] == b[key] for key in KIND_KEYS if a.get(key) is not None and b.get(key) is not None)
+
+
+def kind_label(info: dict | None) -> str:
+    """'AMD EPYC (AVX2), 2 threads, torch 2.14.1': a machine() record in a few words, '?' for none."""
+    if not isinstance(info, dict):
+        return "?"
+    if info.get("gpu"):
+        parts = [str(info["gpu"])] + ([f"CUDA {info['cuda']}"] if info.get("cuda") else [])
+    else:
+        cpu = str(info.get("cpu", "?"))
+        parts = [f"{cpu} ({info['cpu_capability']})" if info.get("cpu_capability") else cpu]
+        if info.get("threads") is not None:
+            parts.append(f"{info['threads']} threads")
+    if info.get("torch"):
+        parts.append(f"torch {info['torch']}")
+    return ", ".join(parts)

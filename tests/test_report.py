@@ -208,8 +208,9 @@ def _scores(acc, nmi, ari, m2o, clusters, classes=10):
 
 def _fake_run(root, name, preset="cifar10", k=10, seed=0, acc=0.8, nmi=0.7, ari=0.6, m2o=0.81, scan_acc=0.75,
               selflabel=True, kmeans_acc=0.22, threads=2, mine_k=None, scan_seconds=30.0, other_head=0.5,
-              pretext_lr=None):
-    """A run folder shaped like pipeline.summarize's metrics.json and the launcher's config.yaml."""
+              pretext_lr=None, machines=None):
+    """A run folder shaped like pipeline.summarize's metrics.json and the launcher's config.yaml; ``machines``
+    (stage -> reproducibility.machine() record) is left out of metrics.json when None, as an old run's."""
     run = root / name
     run.mkdir(parents=True)
     final = _scores(acc, nmi, ari, m2o, k)
@@ -225,6 +226,8 @@ def _fake_run(root, name, preset="cifar10", k=10, seed=0, acc=0.8, nmi=0.7, ari=
     metrics = {"acc": acc, "nmi": nmi, "ari": ari, "ami": nmi - 0.01, "final": final,
                "baseline_kmeans_pixels": stages["evaluate"]["kmeans_pixels"], "stages": stages,
                "seconds": {**seconds, "total": sum(seconds.values())}, "preset": preset, "world_size": 1}
+    if machines is not None:
+        metrics["machines"] = machines
     (run / "metrics.json").write_text(json.dumps(metrics))
     (run / "config.yaml").write_text(f"# git commit: abc\nname: {preset}\nnum_clusters: {k}\n"
                                      f"data:\n  path: data/x\nrun:\n  seed: {seed}\n  threads: {threads}\n"
@@ -408,3 +411,65 @@ def test_one_setup_has_no_ablation_table_and_a_missing_key_is_unset(tmp_path, fa
     text = format_comparison_md([new, old])
     assert "| cifar10 mine.k=(unset) | 10 | 1 | 0 |" in text
     assert "| cifar10 | 10 | mine.k=(unset) | by seed | 1 | 0 | +0.0 | -10.0 | — | -10.0 | 0 of 1 | +0 |" in text
+
+
+EPYC_AVX2 = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "cpus": 2, "threads": 2, "torch": "2.14.1",
+             "python": "3.11.7"}
+EPYC_AVX512 = {**EPYC_AVX2, "cpu_capability": "AVX512"}
+STAGE_NAMES = ("pretext", "embed", "mine", "scan", "selflabel", "evaluate")
+
+
+def _on(machine, **per_stage):
+    """A machines record: every stage on ``machine`` but those named (stage=record)."""
+    return {stage: per_stage.get(stage, machine) for stage in STAGE_NAMES}
+
+
+def test_pairs_across_machine_kinds_are_counted_and_the_kinds_listed(tmp_path):
+    """A --from arm whose rerun stage ran on a CPU with another instruction set is a pair of two draws: the changes
+    table counts it out of "Same machine", and a Machines table names each kind with its runs. A record without
+    cpu_capability (an older run) is not held against a newer one; a run without records is unknown."""
+    root = tmp_path / "runs"
+    reference = [_fake_run(root, f"ref_s{s}", seed=s, acc=0.70 + s / 100, mine_k=20, machines=_on(EPYC_AVX2))
+                 for s in range(3)]
+    old_record = {k: v for k, v in EPYC_AVX2.items() if k != "cpu_capability"}
+    arm = [_fake_run(root, "k10_s0", seed=0, acc=0.71, mine_k=10, machines=_on(EPYC_AVX2)),
+           _fake_run(root, "k10_s1", seed=1, acc=0.72, mine_k=10,
+                     machines=_on(EPYC_AVX2, mine=EPYC_AVX512, scan=EPYC_AVX512)),
+           _fake_run(root, "k10_s2", seed=2, acc=0.73, mine_k=10, machines=_on(old_record))]
+    runs = [load_run(p) for p in reference + arm]
+    assert runs[4]["machines"]["scan"]["cpu_capability"] == "AVX512"
+    assert [report.same_machine(runs[i], runs[3 + i]) for i in range(3)] == [True, False, True]
+    text = format_comparison_md(runs)
+    assert "| Same machine |" in text
+    assert "| cifar10 | 10 | mine.k=10 | by seed | 3 | 0, 1, 2 |" in text
+    row = next(line for line in text.splitlines() if line.startswith("| cifar10 | 10 | mine.k=10 | by seed"))
+    assert row.endswith("| 2 of 3 |")
+    assert "## Machines" in text
+    assert "| AMD EPYC (AVX2), 2 threads, torch 2.14.1 | 4 | ref_s0, ref_s1, ref_s2, k10_s0 |" in text
+    assert ("| AMD EPYC (AVX2), 2 threads, torch 2.14.1 + AMD EPYC (AVX512), 2 threads, torch 2.14.1 | 1 | k10_s1 |"
+            in text)
+    assert "| AMD EPYC, 2 threads, torch 2.14.1 | 1 | k10_s2 |" in text
+
+    unknown = load_run(_fake_run(root, "k10_s9", seed=0, acc=0.75, mine_k=10))  # metrics.json without machines
+    assert unknown["machines"] == {} and report.same_machine(unknown, runs[0]) is None
+    row = next(line for line in format_comparison_md(runs[:3] + [unknown]).splitlines()
+               if line.startswith("| cifar10 | 10 | mine.k=10 | by seed"))
+    assert row.endswith("| 0 of 1 (1 unknown) |")
+
+
+def test_one_machine_kind_has_no_machines_table(tmp_path):
+    root = tmp_path / "runs"
+    runs = [load_run(_fake_run(root, f"s{s}", seed=s, machines=_on(EPYC_AVX2))) for s in range(2)]
+    assert "## Machines" not in format_comparison_md(runs)
+
+
+def test_an_unpaired_row_counts_runs_on_the_reference_kind(tmp_path):
+    """A SimCLR change is compared over all seeds: its "Same machine" counts its runs whose every stage matches
+    every reference run's machine."""
+    root = tmp_path / "runs"
+    reference = [_fake_run(root, f"ref_s{s}", seed=s, pretext_lr=0.4, machines=_on(EPYC_AVX2)) for s in range(2)]
+    arm = [_fake_run(root, "lr_s0", seed=0, pretext_lr=0.6, machines=_on(EPYC_AVX2)),
+           _fake_run(root, "lr_s1", seed=1, pretext_lr=0.6, machines=_on(EPYC_AVX512))]
+    row = next(line for line in format_comparison_md([load_run(p) for p in reference + arm]).splitlines()
+               if "unpaired" in line)
+    assert row.endswith("| 1 of 2 |")

@@ -55,6 +55,7 @@ def test_machine_names_the_processor_threads_and_torch_build(monkeypatch):
     assert info["cpu"] == reproducibility.cpu_model() and info["cpu"] != ""
     assert info["threads"] == torch.get_num_threads() and info["torch"] == torch.__version__
     assert "gpu" not in info  # a CPU stage names no GPU
+    assert info["cpu_capability"] == torch.backends.cpu.get_cpu_capability()  # e.g. AVX2: picks the CPU kernels
     if os.path.isfile("/proc/cpuinfo"):
         with open("/proc/cpuinfo") as cpuinfo:
             names = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
@@ -62,3 +63,20 @@ def test_machine_names_the_processor_threads_and_torch_build(monkeypatch):
             assert info["cpu"] == names[0]
     monkeypatch.setattr("builtins.open", lambda *a, **k: (_ for _ in ()).throw(OSError("no /proc")))
     assert reproducibility.cpu_model()  # falls back to the platform module, never fails
+
+
+def test_same_kind_compares_what_picks_the_kernels():
+    avx2 = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "cpus": 2, "threads": 2, "torch": "2.14.1",
+            "python": "3.11.7"}
+    assert reproducibility.same_kind(avx2, {**avx2, "cpus": 64, "python": "3.12.1"})  # neither picks a kernel
+    for key, other in (("cpu_capability", "AVX512"), ("threads", 4), ("torch", "2.11.0"), ("cpu", "Intel Xeon")):
+        assert reproducibility.same_kind(avx2, {**avx2, key: other}) is False, key
+    older = {k: v for k, v in avx2.items() if k != "cpu_capability"}  # a record made before the field existed
+    assert reproducibility.same_kind(avx2, older) is True
+    assert reproducibility.same_kind(avx2, None) is None
+    h200 = {**avx2, "gpu": "NVIDIA H200", "cuda": "13.0"}
+    assert reproducibility.same_kind(h200, {**h200, "gpu": "NVIDIA H100 80GB HBM3"}) is False
+    assert reproducibility.kind_label(avx2) == "AMD EPYC (AVX2), 2 threads, torch 2.14.1"
+    assert reproducibility.kind_label(older) == "AMD EPYC, 2 threads, torch 2.14.1"
+    assert reproducibility.kind_label(h200) == "NVIDIA H200, CUDA 13.0, torch 2.14.1"
+    assert reproducibility.kind_label(None) == "?"
