@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from .reproducibility import kind_label, same_kind
+from .reproducibility import KIND_KEYS, kind_label, same_kind
 from .run_report import _md_table, _save_figure, atomic_write_text
 from .stage_keys import result_settings, settings_of
 
@@ -259,13 +259,28 @@ def overclustering_datasets(runs: Sequence[Mapping[str, Any]]) -> dict[str, list
     return {preset: sorted(values) for preset, values in ks.items() if len(values) > 1}
 
 
+def _richer(a: Mapping[str, Any], b: Mapping[str, Any]) -> Mapping[str, Any]:
+    """Of two records of one kind, the one that names more (a newer record also names the instruction set)."""
+    return b if sum(b.get(k) is not None for k in KIND_KEYS) > sum(a.get(k) is not None for k in KIND_KEYS) else a
+
+
+def machine_kinds(run: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The distinct kinds of machine a run's stages ran on (reproducibility.same_kind), in stage order, each the
+    richest record of its kind: one for a run made in one place, two for a --from run finished elsewhere."""
+    kinds: list[Mapping[str, Any]] = []
+    for info in run.get("machines", {}).values():
+        for i, kind in enumerate(kinds):
+            if same_kind(kind, info):
+                kinds[i] = _richer(kind, info)
+                break
+        else:
+            kinds.append(info)
+    return kinds
+
+
 def run_machine(run: Mapping[str, Any]) -> str:
     """The kind of machine a run ran on, in words: its stages' kinds, each once ('?' when none was kept)."""
-    labels: list[str] = []
-    for info in run.get("machines", {}).values():
-        if kind_label(info) not in labels:
-            labels.append(kind_label(info))
-    return " + ".join(labels) or "?"
+    return " + ".join(kind_label(kind) for kind in machine_kinds(run)) or "?"
 
 
 def same_machine(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool | None:
@@ -289,9 +304,16 @@ def _same_machine_cell(verdicts: Sequence[bool | None]) -> str:
 
 def _machines_md(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """A table of the machine kinds the runs ran on, when they ran on more than one (empty otherwise)."""
-    kinds: dict[str, list[str]] = {}
+    groups: list[tuple[list[Mapping[str, Any]], list[str]]] = []  # (kinds of the group's runs, run labels)
     for run in runs:
-        kinds.setdefault(run_machine(run), []).append(run["label"])
+        ours = machine_kinds(run)
+        for i, (theirs, labels) in enumerate(groups):
+            if len(theirs) == len(ours) and all(same_kind(a, b) for a, b in zip(theirs, ours)):
+                groups[i] = ([_richer(a, b) for a, b in zip(theirs, ours)], labels + [run["label"]])
+                break
+        else:
+            groups.append((ours, [run["label"]]))
+    kinds = {" + ".join(kind_label(kind) for kind in group) or "?": labels for group, labels in groups}
     if len(kinds) < 2:
         return []
     lines = ["", "## Machines", ""]

@@ -445,10 +445,11 @@ def test_pairs_across_machine_kinds_are_counted_and_the_kinds_listed(tmp_path):
     row = next(line for line in text.splitlines() if line.startswith("| cifar10 | 10 | mine.k=10 | by seed"))
     assert row.endswith("| 2 of 3 |")
     assert "## Machines" in text
-    assert "| AMD EPYC (AVX2), 2 threads, torch 2.14.1 | 4 | ref_s0, ref_s1, ref_s2, k10_s0 |" in text
+    # the record without an instruction set joins the kind it does not contradict, named by the richer record
+    assert "| AMD EPYC (AVX2), 2 threads, torch 2.14.1 | 5 | ref_s0, ref_s1, ref_s2, k10_s0, k10_s2 |" in text
     assert ("| AMD EPYC (AVX2), 2 threads, torch 2.14.1 + AMD EPYC (AVX512), 2 threads, torch 2.14.1 | 1 | k10_s1 |"
             in text)
-    assert "| AMD EPYC, 2 threads, torch 2.14.1 | 1 | k10_s2 |" in text
+    assert report.run_machine(runs[5]) == "AMD EPYC, 2 threads, torch 2.14.1"
 
     unknown = load_run(_fake_run(root, "k10_s9", seed=0, acc=0.75, mine_k=10))  # metrics.json without machines
     assert unknown["machines"] == {} and report.same_machine(unknown, runs[0]) is None
@@ -458,8 +459,14 @@ def test_pairs_across_machine_kinds_are_counted_and_the_kinds_listed(tmp_path):
 
 
 def test_one_machine_kind_has_no_machines_table(tmp_path):
+    """Records made before `cpu_capability` existed and a --from run that added newer ones are one kind."""
     root = tmp_path / "runs"
-    runs = [load_run(_fake_run(root, f"s{s}", seed=s, machines=_on(EPYC_AVX2))) for s in range(2)]
+    old_record = {k: v for k, v in EPYC_AVX2.items() if k != "cpu_capability"}
+    runs = [load_run(_fake_run(root, "s0", seed=0, machines=_on(old_record))),
+            load_run(_fake_run(root, "s1", seed=1, machines=_on(old_record, selflabel=EPYC_AVX2))),
+            load_run(_fake_run(root, "s2", seed=2, machines=_on(EPYC_AVX2)))]
+    assert [len(report.machine_kinds(run)) for run in runs] == [1, 1, 1]
+    assert report.run_machine(runs[1]) == "AMD EPYC (AVX2), 2 threads, torch 2.14.1"
     assert "## Machines" not in format_comparison_md(runs)
 
 
