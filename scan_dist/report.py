@@ -77,7 +77,8 @@ def load_run(run_dir: str | os.PathLike) -> dict[str, Any]:
     selection rule would hand on),
     ``selflabel`` (whether that stage ran), ``kmeans_acc`` (the k-means-on-pixels baseline), ``seconds``
     (stage -> seconds, with ``total``) and ``machines`` (stage -> the reproducibility.machine() record it ran on,
-    for the stages that kept one; a stage copied by --from keeps its source's). Raises :class:`ReportError` for a folder that is not a finished run.
+    for the stages that kept one; a stage copied by --from keeps its source's). Raises :class:`ReportError` for a
+    folder that is not a finished run.
     """
     import yaml
 

@@ -86,9 +86,12 @@ def same_kind(a: dict | None, b: dict | None) -> bool | None:
     """Whether two machine() records are one kind of machine: every KIND_KEYS entry both name is equal.
 
     None (unknown) when either record is missing, as for a stage finished by a version that kept none; an entry
-    only one side names (an older record without `cpu_capability`) is not held against them."""
+    only one side names (an older record without `cpu_capability`) is not held against them, but a stage on a GPU
+    and one on the processor alone are two kinds."""
     if not isinstance(a, dict) or not isinstance(b, dict):
         return None
+    if bool(a.get("gpu")) != bool(b.get("gpu")):
+        return False
     return all(a[key] == b[key] for key in KIND_KEYS if a.get(key) is not None and b.get(key) is not None)
 
 

@@ -76,6 +76,7 @@ def test_same_kind_compares_what_picks_the_kernels():
     assert reproducibility.same_kind(avx2, None) is None
     h200 = {**avx2, "gpu": "NVIDIA H200", "cuda": "13.0"}
     assert reproducibility.same_kind(h200, {**h200, "gpu": "NVIDIA H100 80GB HBM3"}) is False
+    assert reproducibility.same_kind(h200, avx2) is False  # one host, the stage on its GPU or on its processor
     assert reproducibility.kind_label(avx2) == "AMD EPYC (AVX2), 2 threads, torch 2.14.1"
     assert reproducibility.kind_label(older) == "AMD EPYC, 2 threads, torch 2.14.1"
     assert reproducibility.kind_label(h200) == "NVIDIA H200, CUDA 13.0, torch 2.14.1"
