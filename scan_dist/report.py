@@ -265,11 +265,11 @@ def _richer(a: Mapping[str, Any], b: Mapping[str, Any]) -> Mapping[str, Any]:
     return b if sum(b.get(k) is not None for k in KIND_KEYS) > sum(a.get(k) is not None for k in KIND_KEYS) else a
 
 
-def machine_kinds(run: Mapping[str, Any]) -> list[Mapping[str, Any]]:
-    """The distinct kinds of machine a run's stages ran on (reproducibility.same_kind), in stage order, each the
+def machine_kinds(*runs: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The distinct kinds of machine the runs' stages ran on (reproducibility.same_kind), in stage order, each the
     richest record of its kind: one for a run made in one place, two for a --from run finished elsewhere."""
     kinds: list[Mapping[str, Any]] = []
-    for info in run.get("machines", {}).values():
+    for info in (info for run in runs for info in run.get("machines", {}).values()):
         for i, kind in enumerate(kinds):
             if same_kind(kind, info):
                 kinds[i] = _richer(kind, info)
@@ -279,9 +279,16 @@ def machine_kinds(run: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return kinds
 
 
-def run_machine(run: Mapping[str, Any]) -> str:
-    """The kind of machine a run ran on, in words: its stages' kinds, each once ('?' when none was kept)."""
-    return " + ".join(kind_label(kind) for kind in machine_kinds(run)) or "?"
+def run_machine(run: Mapping[str, Any], kinds: Sequence[Mapping[str, Any]] | None = None) -> str:
+    """The kind of machine a run ran on, in words: its stages' kinds, each once ('?' when none was kept), each stage
+    named by the first of `kinds` (machine_kinds of several runs, so that they share names) it is of."""
+    kinds = machine_kinds(run) if kinds is None else kinds
+    used: list[Mapping[str, Any]] = []
+    for info in run.get("machines", {}).values():
+        kind = next(kind for kind in kinds if same_kind(kind, info))
+        if kind not in used:
+            used.append(kind)
+    return " + ".join(kind_label(kind) for kind in used) or "?"
 
 
 def same_machine(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool | None:
@@ -305,16 +312,10 @@ def _same_machine_cell(verdicts: Sequence[bool | None]) -> str:
 
 def _machines_md(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     """A table of the machine kinds the runs ran on, when they ran on more than one (empty otherwise)."""
-    groups: list[tuple[list[Mapping[str, Any]], list[str]]] = []  # (kinds of the group's runs, run labels)
+    every = machine_kinds(*runs)
+    kinds: dict[str, list[str]] = {}
     for run in runs:
-        ours = machine_kinds(run)
-        for i, (theirs, labels) in enumerate(groups):
-            if len(theirs) == len(ours) and all(same_kind(a, b) for a, b in zip(theirs, ours)):
-                groups[i] = ([_richer(a, b) for a, b in zip(theirs, ours)], labels + [run["label"]])
-                break
-        else:
-            groups.append((ours, [run["label"]]))
-    kinds = {" + ".join(kind_label(kind) for kind in group) or "?": labels for group, labels in groups}
+        kinds.setdefault(run_machine(run, every), []).append(run["label"])
     if len(kinds) < 2:
         return []
     lines = ["", "## Machines", ""]

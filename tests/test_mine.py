@@ -70,7 +70,8 @@ def test_keep_mutual_is_the_same_in_any_chunks_and_shards():
 
 def _mutual_worker(rank: int, world: int, port: int, out_dir: str):
     with gloo_group(rank, world, port):
-        rows, pair_share, lonely_share = mutual_split(np.load(f"{out_dir}/knn.npy", mmap_mode="r"), f"{out_dir}/mutual.npy")
+        knn = np.load(f"{out_dir}/knn.npy", mmap_mode="r")
+        rows, pair_share, lonely_share = mutual_split(knn, f"{out_dir}/mutual.npy")
         with open(f"{out_dir}/seen{rank}.json", "w") as f:
             json.dump({"rows": np.asarray(rows).tolist(), "shares": [pair_share, lonely_share]}, f)
 
