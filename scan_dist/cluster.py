@@ -33,6 +33,7 @@ from pathlib import Path
 import submitit
 import yaml
 
+from . import reproducibility
 from .memory_plan import plan_memory
 from .config import Config, SlurmConfig, load_config
 from .errors import ConfigError
@@ -135,7 +136,11 @@ def resolve_resources(cfg: Config, nodes: int, gpus_per_node: int | None = None)
                      max_requeues=int(merged.get("max_requeues") if merged.get("max_requeues") is not None else 3),
                      partition=merged.get("partition"), account=merged.get("account"), qos=merged.get("qos"),
                      constraint=merged.get("constraint"), exclusive=merged.get("exclusive"),
-                     extra_sbatch=list(merged.get("extra_sbatch") or []), setup=list(merged.get("setup") or []))
+                     extra_sbatch=list(merged.get("extra_sbatch") or []), setup=[
+                         *(merged.get("setup") or []),
+                         # run.cpu_kernels: in place before the job's Python starts (reproducibility.py)
+                         *(f"export {key}={value}" for key, value in reproducibility.CPU_KERNEL_ENV[
+                             cfg.run.cpu_kernels].items())])
 
 
 def _extra_flags(lines: list[str]) -> dict:

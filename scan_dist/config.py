@@ -205,6 +205,9 @@ class RunConfig:
     #                               itself bit for bit, at some speed (reproducibility.py); CPU runs already do
     kernel_self_check: bool = True  # CUDA: check each Triton kernel against its torch reference at first use and
     #                                 fall back to torch (with one warning) on a mismatch or error
+    cpu_kernels: str = "native"  # native: the processor's widest CPU kernels | avx2: torch, oneDNN and MKL limited to
+    #                              AVX2, so a seed gives the same digits on x86 CPUs with and without AVX-512
+    #                              (reproducibility.py; the launcher restarts itself with the limit in place)
 
 
 @dataclass
@@ -248,6 +251,7 @@ _CHOICES = {
     "dist.zero_stage": (0, 1, 2),
     "dist.precision": ("fp32", "bf16", "fp16"),
     "run.device": ("auto", "cpu", "cuda"),
+    "run.cpu_kernels": ("native", "avx2"),
 }
 
 

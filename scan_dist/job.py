@@ -98,6 +98,9 @@ def _run_locked(cfg: Config, run_dir: Path, env, log) -> int:
     _on_main_rank(env, lambda: run_fork.copy_stages(cfg, run_dir, log))  # every rank plans after the copy
     if cfg.run.tune_malloc and ctx.device.type == "cpu":
         log.info(tune_malloc())
+    kernels_note = reproducibility.cpu_kernels_note(cfg.run.cpu_kernels)
+    if kernels_note:
+        log.log(*kernels_note)
     switched = reproducibility.apply(cfg.run.deterministic)
     if switched:
         log.info(switched)

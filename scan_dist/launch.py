@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
 
-from . import run_fork
+from . import reproducibility, run_fork
 from .config import Config, available_presets, load_config, to_yaml
 from .context import RunContext
 from .distributed import env as dist_env
@@ -83,11 +84,15 @@ def _seed_list(text: str) -> list[int]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] in ("status", "cancel"):
             return _job_command(argv)
-        return _main(parse_args(argv))
+        args = parse_args(argv)
+        if from_command_line:
+            _restart_for_cpu_kernels(args)
+        return _main(args)
     except Preempted as exc:  # a signal stopped the run after a checkpoint: not an error of the user's
         print(f"stopped: {exc}", file=sys.stderr)
         return 143
@@ -97,6 +102,32 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+
+
+def _config_of(args: argparse.Namespace) -> Config:
+    """The config a command line asks for, as _main builds it (for --seeds, every seed's but for run.seed)."""
+    if args.resume is not None:
+        config_path = args.resume / "config.yaml"
+        if not config_path.is_file():
+            raise ConfigError(f"--resume {args.resume}: no config.yaml there (not a run folder)")
+        return load_config(str(config_path), args.overrides)
+    return load_config(args.preset, args.overrides)
+
+
+def _restart_for_cpu_kernels(args: argparse.Namespace) -> None:
+    """Restart this command (same process, same arguments) with the variables `run.cpu_kernels` needs.
+
+    torch, oneDNN and MKL read them once, at their first CPU operation, and importing this package has already run
+    some, so setting them now would come too late; the restarted process has them from its start. os.execv keeps
+    the process id, so torchrun and SLURM follow it as the same process."""
+    missing = reproducibility.cpu_kernel_env(_config_of(args).run.cpu_kernels)
+    if not missing:
+        return
+    os.environ.update(missing)
+    print(f"run.cpu_kernels: restarting with {' '.join(f'{k}={v}' for k, v in missing.items())}", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, list(sys.orig_argv))
 
 
 def _job_command(argv: list[str]) -> int:
@@ -127,19 +158,15 @@ def _main(args: argparse.Namespace) -> int:
     if args.seeds is not None:
         return _main_seeds(args)
     launch_info: dict = {}
+    cfg = _config_of(args)
     if args.resume is not None:
         run_dir = args.resume
-        config_path = run_dir / "config.yaml"
-        if not config_path.is_file():
-            raise ConfigError(f"--resume {run_dir}: no config.yaml there (not a run folder)")
-        cfg = load_config(str(config_path), args.overrides)
         launch_info = _read_launch_info(run_dir)
         if args.nodes is None and not args.local and launch_info.get("mode") == "slurm":
             args.nodes = launch_info["nodes"]
             args.gpus_per_node = args.gpus_per_node if args.gpus_per_node is not None else launch_info.get(
                 "gpus_per_node")
     else:
-        cfg = load_config(args.preset, args.overrides)
         run_dir = args.run_dir or Path("runs") / cfg.name
     copies = run_fork.stages_to_copy(cfg, run_dir)  # also checks run.start_from before anything starts
     if args.nodes is not None:
@@ -147,6 +174,7 @@ def _main(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(to_yaml(cfg))
         print(f"run folder: {run_dir}")
+        print(f"CPU kernels: {reproducibility.cpu_capability()} (run.cpu_kernels={cfg.run.cpu_kernels})")
         source = run_fork.source_folder(cfg) if copies else None
         stages = [(name, f"copy from {source}" if name in copies else action) for name, action in plan(cfg, run_dir)]
         for stage, action in stages:

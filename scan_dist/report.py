@@ -197,10 +197,45 @@ def setup_change(reference: Mapping[str, Any], setup: Mapping[str, Any]) -> str:
 
 
 def run_changes(runs: Sequence[Mapping[str, Any]]) -> list[str]:
-    """Per run, how its setup differs from the first run of the same preset ('' for that reference setup)."""
+    """Per run, how its setup differs from the first run of the same preset ('' for that reference setup), and,
+    where a setup holds one seed on two kinds of machine, what sets the run's machine apart (_split_by_machine)."""
     references: dict[str, Mapping[str, Any]] = {}
-    return [setup_change(references.setdefault(run["preset"], run.get("setup", {})), run.get("setup", {}))
-            for run in runs]
+    changes = [setup_change(references.setdefault(run["preset"], run.get("setup", {})), run.get("setup", {}))
+               for run in runs]
+    return _split_by_machine(runs, changes)
+
+
+def _split_by_machine(runs: Sequence[Mapping[str, Any]], changes: Sequence[str]) -> list[str]:
+    """A setup that holds a seed twice, on two kinds of machine, holds two draws of that seed (the kernels' float
+    sums differ, and SCAN grows the difference: README, "Measured results"), so averaging them as seeds would
+    count the seed twice and pairing by seed would pick one at random. Its runs on a kind other than its first
+    run's are named by what sets their machine apart ('[cpu_capability=AVX2]'), which makes each kind a setup of
+    its own; the changes table compares them unpaired. A setup whose seeds are distinct stays whole, machines and
+    all (its "Same machine" column says how far its pairs can be trusted)."""
+    every = machine_kinds(*runs)
+    by_setup: dict[tuple[str, Any, str], list[int]] = {}
+    for i, (run, change) in enumerate(zip(runs, changes)):
+        by_setup.setdefault((run["preset"], run["num_clusters"], change), []).append(i)
+    named = list(changes)
+    for indices in by_setup.values():
+        seeds = [runs[i]["seed"] for i in indices if runs[i]["seed"] is not None]
+        used = [_kinds_used(runs[i], every) for i in indices]
+        if len(seeds) == len(set(seeds)) or all(kinds == used[0] for kinds in used):
+            continue
+        for i, kinds in zip(indices, used):
+            if kinds != used[0]:
+                named[i] = f"{changes[i]} [{_machine_tag(kinds, used[0])}]".lstrip()
+    return named
+
+
+def _machine_tag(kinds: Sequence[Mapping[str, Any]], first: Sequence[Mapping[str, Any]]) -> str:
+    """'cpu_capability=AVX2': the machine entries where a run's one kind differs from another's; for runs whose
+    stages ran on several kinds, 'on' and the kinds in words."""
+    if len(kinds) == 1 and len(first) == 1:
+        differ = [f"{key}={kinds[0].get(key)}" for key in KIND_KEYS if kinds[0].get(key) != first[0].get(key)]
+        if differ:
+            return " ".join(differ)
+    return "on " + " + ".join(kind_label(kind) for kind in kinds)
 
 
 def group_runs(runs: Sequence[Mapping[str, Any]]) -> dict[tuple[str, Any, str], list[Mapping[str, Any]]]:
@@ -282,13 +317,18 @@ def machine_kinds(*runs: Mapping[str, Any]) -> list[Mapping[str, Any]]:
 def run_machine(run: Mapping[str, Any], kinds: Sequence[Mapping[str, Any]] | None = None) -> str:
     """The kind of machine a run ran on, in words: its stages' kinds, each once ('?' when none was kept), each stage
     named by the first of `kinds` (machine_kinds of several runs, so that they share names) it is of."""
+    return " + ".join(kind_label(kind) for kind in _kinds_used(run, kinds)) or "?"
+
+
+def _kinds_used(run: Mapping[str, Any], kinds: Sequence[Mapping[str, Any]] | None = None) -> list[Mapping[str, Any]]:
+    """The kinds (of `kinds`, default the run's own) its stages ran on, each once, in stage order."""
     kinds = machine_kinds(run) if kinds is None else kinds
     used: list[Mapping[str, Any]] = []
     for info in run.get("machines", {}).values():
         kind = next(kind for kind in kinds if same_kind(kind, info))
         if kind not in used:
             used.append(kind)
-    return " + ".join(kind_label(kind) for kind in used) or "?"
+    return used
 
 
 def same_machine(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool | None:
@@ -322,9 +362,12 @@ def _machines_md(runs: Sequence[Mapping[str, Any]]) -> list[str]:
     lines += _md_table(["Machine", "n", "Runs"], [[kind, len(labels), ", ".join(labels)]
                                                    for kind, labels in kinds.items()], "lrl")
     lines += ["", "These runs ran on more than one kind of machine. A seed repeats its digits only on one kind "
-              "(processor and the instruction set torch's CPU kernels use, threads, torch build, GPU): on another "
+              "(processor and the instruction set torch's CPU kernels use, threads, torch build, GPU; "
+              "run.cpu_kernels=avx2 gives an AVX-512 processor an AVX2 one's digits): on another "
               "it is another draw of the same distribution, so a Δ between runs of two kinds holds that draw too "
-              "(the changes table's \"Same machine\" column counts the comparisons that do not)."]
+              "(the changes table's \"Same machine\" column counts the comparisons that do not). A setup that holds "
+              "one seed on two kinds is split by kind: its runs on another kind than its first run's are named by "
+              "what sets that kind apart, e.g. [cpu_capability=AVX2], and compared unpaired."]
     return lines
 
 
@@ -343,6 +386,9 @@ def _changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[str, Any]
     for (preset, k, change), members in groups.items():
         reference = groups.get((preset, k, ""))
         if not change or reference is None:
+            continue
+        if members[0].get("setup") == reference[0].get("setup"):  # the same settings on another kind of machine
+            rows.append(_unpaired_row(preset, k, change, members, reference, "unpaired (another machine)"))
             continue
         if members[0]["simclr_setup"] != reference[0]["simclr_setup"]:
             rows.append(_unpaired_row(preset, k, change, members, reference))
@@ -382,8 +428,9 @@ def _changes_md(groups: Mapping[tuple[str, Any, str], Sequence[Mapping[str, Any]
 
 
 def _unpaired_row(preset: str, k: Any, change: str, members: Sequence[Mapping[str, Any]],
-                  reference: Sequence[Mapping[str, Any]]) -> list[Any]:
-    """A row of the changes table for a setup that retrains SimCLR: differences of means over all seeds."""
+                  reference: Sequence[Mapping[str, Any]], compared: str = "unpaired (SimCLR retrained)") -> list[Any]:
+    """A row of the changes table for a setup that retrains SimCLR (or runs on another kind of machine):
+    differences of means over all seeds."""
 
     def delta(key: str) -> str:
         ours, theirs = mean_std([r[key] for r in members])[0], mean_std([r[key] for r in reference])[0]
@@ -393,8 +440,7 @@ def _unpaired_row(preset: str, k: Any, change: str, members: Sequence[Mapping[st
         return mean_std([r["seconds"].get("total") for r in runs])[0]
 
     ours_s, theirs_s = total(members), total(reference)
-    return [preset, _DASH if k is None else k, change, "unpaired (SimCLR retrained)",
-            f"{len(members)} vs {len(reference)}", _seeds(members), delta("scan_acc"), delta("acc"),
+    return [preset, _DASH if k is None else k, change, compared, f"{len(members)} vs {len(reference)}", _seeds(members), delta("scan_acc"), delta("acc"),
             _welch_interval([100 * r["acc"] for r in members if r["acc"] is not None],
                             [100 * r["acc"] for r in reference if r["acc"] is not None]),
             _DASH, _DASH, _DASH if ours_s is None or theirs_s is None else f"{ours_s - theirs_s:+.0f}",

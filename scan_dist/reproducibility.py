@@ -16,13 +16,23 @@ dispatches its CPU kernels to, threads, torch build, GPU); every stage's `DONE` 
 (`machines`) keep it, and `python -m scan_dist.report` marks comparisons across kinds (`same_kind`). The same seed
 gives the same digits only on the same kind of machine: the demo's seed 0 ended 74.14 on one 2-core VM and 71.38 on
 an AMD EPYC one (benchmarks/results/accuracy_history.md, seventh pass), with identical code.
+
+`run.cpu_kernels=avx2` removes the largest part of that: on x86 the kind that matters is the width of the kernels
+(AVX2 or AVX-512), and capped at AVX2 a processor with AVX-512 gives an AVX2 processor's digits (the demo's seed 0
+on an AVX-512 AMD EPYC, capped: 76.85 / SCAN stage 76.04, the digits of the AVX2-only AMD EPYC; uncapped 74.42 /
+72.78, twenty-sixth pass). Verified between AMD processors; on Intel ones MKL may pick other code paths (its own
+reproducibility mode, MKL_CBWR, fixes branches on Intel processors only).
 """
 from __future__ import annotations
 
+import logging
 import os
 import platform
+from typing import Mapping
 
 import torch
+
+from .errors import ConfigError
 
 # cuBLAS picks its reduction split by workspace; a fixed workspace makes it deterministic (CUDA >= 10.2 docs).
 CUBLAS_WORKSPACE = ":4096:8"
@@ -40,6 +50,53 @@ def apply(deterministic: bool) -> str | None:
     torch.backends.cudnn.benchmark = False
     return (f"run.deterministic: deterministic algorithms on (cuDNN deterministic, cuBLAS workspace "
             f"{os.environ['CUBLAS_WORKSPACE_CONFIG']}); an operation without one warns by name")
+
+
+# run.cpu_kernels: the widest instruction set the CPU kernels may use. torch's vectorised kernels (ATen), oneDNN's
+# convolutions and MKL's matrix products each pick theirs from the processor, once, at their first use, unless these
+# variables cap it; a kernel of another width adds floats in another order, and SCAN grows that last-bit difference
+# into another clustering (the demo's seed 3: 76.6 with AVX-512 kernels, 68.7 with AVX2 ones). AVX2 is the common
+# level of x86-64 processors since 2013 (Haswell, Zen), so capped there a seed gives one set of digits on all of them.
+CPU_KERNEL_ENV: dict[str, dict[str, str]] = {
+    "native": {},
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+}
+
+
+def cpu_kernel_env(choice: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables `run.cpu_kernels=choice` needs that `environ` (this process's environment) lacks or sets
+    otherwise; empty when the limit is in place, for `native`, and off x86 (the caps name x86 instruction sets)."""
+    if choice not in CPU_KERNEL_ENV:
+        raise ConfigError(f"run.cpu_kernels={choice!r} is unknown; choose {' or '.join(CPU_KERNEL_ENV)}")
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return {}
+    environ = os.environ if environ is None else environ
+    return {key: value for key, value in CPU_KERNEL_ENV[choice].items() if environ.get(key) != value}
+
+
+def cpu_kernels_note(choice: str) -> tuple[int, str] | None:
+    """(log level, line) saying whether `run.cpu_kernels` holds in this process; None for `native`.
+
+    The limit only holds when the variables were in place before torch ran its first CPU operation: the command
+    line restarts itself to make sure (launch.py), a SLURM job exports them in its sbatch script (cluster.py). A run
+    started from Python (the API, the tests) after torch has run anything keeps the processor's kernels, says so
+    here, and its machine record (`cpu_capability`) shows which ran."""
+    if choice == "native":
+        return None
+    missing = cpu_kernel_env(choice)
+    capability = cpu_capability()
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return logging.INFO, f"run.cpu_kernels={choice}: not an x86 processor ({platform.machine()}); nothing to cap"
+    if missing:
+        variables = " ".join(f"{key}={value}" for key, value in missing.items())
+        return logging.WARNING, (f"run.cpu_kernels={choice} is not in force in this process (torch's CPU kernels: "
+                                 f"{capability}): set {variables} before Python starts, or start the run with "
+                                 "python -m scan_dist.launch, which does; this run's digits are the processor's own")
+    if capability is not None and capability.upper() not in ("AVX2", "AVX", "DEFAULT"):
+        return logging.WARNING, (f"run.cpu_kernels={choice}: the variables are set, but torch had picked its "
+                                 f"{capability} kernels before they were; start a fresh process")
+    return logging.INFO, (f"run.cpu_kernels={choice}: CPU kernels capped at {choice.upper()} (torch: {capability}; "
+                          "oneDNN and MKL too): the digits of a processor without wider ones")
 
 
 def cpu_model() -> str:

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from scan_dist import cluster
+from scan_dist import cluster, reproducibility
 from scan_dist.config import load_config, to_yaml
 from scan_dist.errors import ConfigError
 from scan_dist.launch import main
@@ -91,3 +91,12 @@ def test_finished_job_ignores_a_late_time_limit_signal(tmp_path, monkeypatch):
         assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGUSR2, previous)
+
+
+def test_cpu_kernels_cap_is_exported_by_the_sbatch_script(tmp_path):
+    capped = cluster.resolve_resources(load_config("smoke", ["run.cpu_kernels=avx2"]), nodes=1)
+    script = cluster.sbatch_script(capped, tmp_path, "x")
+    for key, value in reproducibility.CPU_KERNEL_ENV["avx2"].items():
+        assert f"export {key}={value}" in script, key
+    native = cluster.sbatch_script(cluster.resolve_resources(load_config("smoke"), nodes=1), tmp_path, "x")
+    assert "ATEN_CPU_CAPABILITY" not in native

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from scan_dist import reproducibility
 from scan_dist.launch import main
 
 
@@ -215,3 +217,21 @@ def test_from_is_run_start_from_and_a_bad_one_stops_before_anything(tmp_path, ca
     assert main(["--dry-run", "--seeds", "0,1", "--from", str(tmp_path / "seeds"), "--run-dir", str(tmp_path / "c"),
                  "smoke"]) == 2
     assert "seed1/ for run.seed=1" in capsys.readouterr().err and not (tmp_path / "c").exists()
+
+
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="run.cpu_kernels caps x86 kernels")
+def test_cpu_kernels_restarts_the_command_with_the_cap_in_place(tmp_path):
+    """torch picks its CPU kernels before the config is read, so the command restarts itself once with the cap."""
+    env = {k: v for k, v in os.environ.items() if k not in reproducibility.CPU_KERNEL_ENV["avx2"]}
+    capped = run_cli("--dry-run", "--run-dir", str(tmp_path), "smoke", "run.cpu_kernels=avx2", env=env)
+    assert capped.returncode == 0, capped.stderr
+    assert capped.stderr.count("run.cpu_kernels: restarting with ATEN_CPU_CAPABILITY=avx2") == 1
+    native = run_cli("--dry-run", "--run-dir", str(tmp_path), "smoke", env=env)
+    assert "restarting" not in native.stderr
+    widest = native.stdout.split("CPU kernels: ")[1].split()[0]
+    if widest in ("AVX2", "AVX512"):  # a processor without AVX2 has nothing to cap
+        assert "CPU kernels: AVX2 (run.cpu_kernels=avx2)" in capped.stdout, capped.stdout
+    # Given the variables, the command does not restart again.
+    again = run_cli("--dry-run", "--run-dir", str(tmp_path), "smoke", "run.cpu_kernels=avx2",
+                    env={**env, **reproducibility.CPU_KERNEL_ENV["avx2"]})
+    assert again.returncode == 0 and "restarting" not in again.stderr

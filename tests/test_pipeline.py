@@ -288,7 +288,7 @@ _EXCLUDED = ["run.threads=1", "data.workers=0", "data.prefetch=5", "data.cache_d
              "mine.backend=faiss", "mine.precision=fp16", "scan.loss_backend=torch", "run.progress=false",
              "run.eval_batch_size=64", "run.checkpoint_every_steps=3", "run.checkpoint_every_min=1",
              "dist.timeout_s=30", "run.monitor_labels=true", "run.tensorboard=true", "run.kernel_self_check=false",
-             "run.deterministic=true", "run.start_from=/x", "augment.translate_frac=0.1"]
+             "run.deterministic=true", "run.cpu_kernels=avx2", "run.start_from=/x", "augment.translate_frac=0.1"]
 
 
 @_pytest.mark.parametrize("stage, override", _INCLUDED, ids=[o for _, o in _INCLUDED])

@@ -480,3 +480,19 @@ def test_an_unpaired_row_counts_runs_on_the_reference_kind(tmp_path):
     row = next(line for line in format_comparison_md([load_run(p) for p in reference + arm]).splitlines()
                if "unpaired" in line)
     assert row.endswith("| 1 of 2 |")
+
+
+def test_a_seed_on_two_kinds_of_machine_splits_its_setup(tmp_path):
+    """The same seeds run with AVX-512 and with AVX2 kernels are two draws each: two setups, the second named by
+    its instruction set, compared unpaired; seeds on one kind each, however mixed the kinds, stay one setup."""
+    root = tmp_path / "runs"
+    wide = [_fake_run(root, f"wide_s{s}", seed=s, acc=0.74 + s / 100, machines=_on(EPYC_AVX512)) for s in range(2)]
+    capped = [_fake_run(root, f"avx2_s{s}", seed=s, acc=0.77 - s / 100, machines=_on(EPYC_AVX2)) for s in range(2)]
+    runs = [load_run(p) for p in wide + capped]
+    assert report.run_changes(runs) == ["", "", "[cpu_capability=AVX2]", "[cpu_capability=AVX2]"]
+    text = format_comparison_md(runs)
+    assert "| cifar10 [cpu_capability=AVX2] | 10 | 2 | 0, 1 |" in text
+    row = next(line for line in text.splitlines() if "unpaired (another machine)" in line)
+    assert "| 2 vs 2 | 0, 1 |" in row and "| +2.0 |" in row and row.endswith("| 0 of 2 |")
+    mixed = [load_run(p) for p in (wide[0], capped[1])]  # seeds 0 and 1, one kind each: one setup
+    assert report.run_changes(mixed) == ["", ""]

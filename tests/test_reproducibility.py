@@ -1,12 +1,17 @@
-"""run.deterministic: the process-wide switches it sets (that it reruns no stage: test_pipeline.py's _EXCLUDED)."""
+"""run.deterministic and run.cpu_kernels: the process-wide switches they set (that they rerun no stage:
+test_pipeline.py's _EXCLUDED), and the machine records the report compares."""
+import logging
 import os
+import platform
 import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from scan_dist import reproducibility
+from scan_dist.errors import ConfigError
 
 
 def _in_fresh_process(code: str, env: dict | None = None) -> str:
@@ -81,3 +86,32 @@ def test_same_kind_compares_what_picks_the_kernels():
     assert reproducibility.kind_label(older) == "AMD EPYC, 2 threads, torch 2.14.1"
     assert reproducibility.kind_label(h200) == "NVIDIA H200, CUDA 13.0, torch 2.14.1"
     assert reproducibility.kind_label(None) == "?"
+
+
+X86 = platform.machine().lower() in ("x86_64", "amd64")
+
+
+@pytest.mark.skipif(not X86, reason="run.cpu_kernels caps x86 instruction sets")
+def test_cpu_kernel_env_names_what_is_missing():
+    wanted = reproducibility.CPU_KERNEL_ENV["avx2"]
+    assert reproducibility.cpu_kernel_env("avx2", {}) == wanted
+    assert reproducibility.cpu_kernel_env("avx2", dict(wanted)) == {}
+    other = {**wanted, "ATEN_CPU_CAPABILITY": "avx512"}  # a user's own, different cap is replaced
+    assert reproducibility.cpu_kernel_env("avx2", other) == {"ATEN_CPU_CAPABILITY": "avx2"}
+    assert reproducibility.cpu_kernel_env("native", {}) == {}
+
+
+def test_cpu_kernel_env_refuses_an_unknown_choice():
+    with pytest.raises(ConfigError, match="run.cpu_kernels='avx9'.*native or avx2"):
+        reproducibility.cpu_kernel_env("avx9", {})
+
+
+def test_cpu_kernels_note_says_whether_the_cap_holds(monkeypatch):
+    assert reproducibility.cpu_kernels_note("native") is None
+    for key in reproducibility.CPU_KERNEL_ENV["avx2"]:
+        monkeypatch.delenv(key, raising=False)
+    level, line = reproducibility.cpu_kernels_note("avx2")
+    if X86:  # this test process started without the variables: the cap cannot hold here, and says so
+        assert level == logging.WARNING and "not in force" in line and "ATEN_CPU_CAPABILITY=avx2" in line
+    else:
+        assert level == logging.INFO and "not an x86" in line
