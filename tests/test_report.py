@@ -496,3 +496,13 @@ def test_a_seed_on_two_kinds_of_machine_splits_its_setup(tmp_path):
     assert "| 2 vs 2 | 0, 1 |" in row and "| +2.0 |" in row and row.endswith("| 0 of 2 |")
     mixed = [load_run(p) for p in (wide[0], capped[1])]  # seeds 0 and 1, one kind each: one setup
     assert report.run_changes(mixed) == ["", ""]
+
+
+def test_a_run_on_two_kinds_is_named_by_the_entry_that_differs(tmp_path):
+    """A --from run whose later stages ran with the other kernel width: its tag lists the widths in stage order."""
+    root = tmp_path / "runs"
+    runs = [load_run(_fake_run(root, "wide_s0", seed=0, machines=_on(EPYC_AVX512))),
+            load_run(_fake_run(root, "crossed_s0", seed=0, machines=_on(EPYC_AVX2, scan=EPYC_AVX512,
+                                                                            selflabel=EPYC_AVX512,
+                                                                            evaluate=EPYC_AVX512)))]
+    assert report.run_changes(runs) == ["", "[cpu_capability=AVX2 + AVX512]"]
