@@ -444,7 +444,8 @@ def _unpaired_row(preset: str, k: Any, change: str, members: Sequence[Mapping[st
         return mean_std([r["seconds"].get("total") for r in runs])[0]
 
     ours_s, theirs_s = total(members), total(reference)
-    return [preset, _DASH if k is None else k, change, compared, f"{len(members)} vs {len(reference)}", _seeds(members), delta("scan_acc"), delta("acc"),
+    return [preset, _DASH if k is None else k, change, compared, f"{len(members)} vs {len(reference)}",
+            _seeds(members), delta("scan_acc"), delta("acc"),
             _welch_interval([100 * r["acc"] for r in members if r["acc"] is not None],
                             [100 * r["acc"] for r in reference if r["acc"] is not None]),
             _DASH, _DASH, _DASH if ours_s is None or theirs_s is None else f"{ours_s - theirs_s:+.0f}",
