@@ -63,12 +63,16 @@ CPU_KERNEL_ENV: dict[str, dict[str, str]] = {
 }
 
 
+def _on_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64")
+
+
 def cpu_kernel_env(choice: str, environ: Mapping[str, str] | None = None) -> dict[str, str]:
     """The variables `run.cpu_kernels=choice` needs that `environ` (this process's environment) lacks or sets
     otherwise; empty when the limit is in place, for `native`, and off x86 (the caps name x86 instruction sets)."""
     if choice not in CPU_KERNEL_ENV:
         raise ConfigError(f"run.cpu_kernels={choice!r} is unknown; choose {' or '.join(CPU_KERNEL_ENV)}")
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    if not _on_x86():
         return {}
     environ = os.environ if environ is None else environ
     return {key: value for key, value in CPU_KERNEL_ENV[choice].items() if environ.get(key) != value}
@@ -83,10 +87,10 @@ def cpu_kernels_note(choice: str) -> tuple[int, str] | None:
     here, and its machine record (`cpu_capability`) shows which ran."""
     if choice == "native":
         return None
+    if not _on_x86():
+        return logging.INFO, f"run.cpu_kernels={choice}: not an x86 processor ({platform.machine()}); nothing to cap"
     missing = cpu_kernel_env(choice)
     capability = cpu_capability()
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return logging.INFO, f"run.cpu_kernels={choice}: not an x86 processor ({platform.machine()}); nothing to cap"
     if missing:
         variables = " ".join(f"{key}={value}" for key, value in missing.items())
         return logging.WARNING, (f"run.cpu_kernels={choice} is not in force in this process (torch's CPU kernels: "
