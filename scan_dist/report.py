@@ -232,13 +232,12 @@ def _machine_tag(kinds: Sequence[Mapping[str, Any]], first: Sequence[Mapping[str
     """'cpu_capability=AVX2': the machine entries where a run's kind differs from the setup's first run's;
     'cpu_capability=AVX2 + AVX512' for a run whose stages ran on kinds that differ in that one entry, in stage
     order; otherwise 'on' and the kinds in words."""
-    reference = first[0] if len(first) == 1 else {}
-    differ = {key for kind in kinds for key in KIND_KEYS if reference and kind.get(key) != reference.get(key)}
-    if len(differ) == 1:
-        key = differ.pop()
-        return f"{key}=" + " + ".join(str(kind.get(key)) for kind in kinds)
-    if len(kinds) == 1 and differ:
-        return " ".join(f"{key}={kinds[0].get(key)}" for key in KIND_KEYS if key in differ)
+    if len(first) == 1:
+        differ = [key for key in KIND_KEYS if any(kind.get(key) != first[0].get(key) for kind in kinds)]
+        if len(differ) == 1:
+            return f"{differ[0]}=" + " + ".join(str(kind.get(differ[0])) for kind in kinds)
+        if len(kinds) == 1 and differ:
+            return " ".join(f"{key}={kinds[0].get(key)}" for key in differ)
     return "on " + " + ".join(kind_label(kind) for kind in kinds)
 
 
