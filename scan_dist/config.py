@@ -115,11 +115,15 @@ class ScanConfig:
     loss_backend: str = "auto"  # SCAN loss implementation: auto (Triton on CUDA, else torch) | triton | torch
     select: str = "loss"  # what is kept, without labels: loss (the head with the lowest SCAN loss on the evaluation
     #                        images: the paper) | consensus (the head that agrees most with the others) | ensemble
-    #                        (the ensemble_size most agreeing heads, aligned and averaged; see head_consensus.py)
+    #                        (the ensemble_size most agreeing heads, aligned and averaged; see head_consensus.py) |
+    #                        tie (of the heads whose loss the evaluation images cannot tell from the lowest, within
+    #                        tie_z paired standard errors, the one that agrees most with the other heads)
     ensemble_size: int = 10  # heads averaged by select=ensemble (at most num_heads; degenerate heads never join)
     ensemble_rank: str = "agreement"  # which heads select=ensemble averages: agreement (the most agreeing, onto the
     #                                    medoid's clusters) | loss (the lowest selection losses, onto the lowest's)
     select_entropy_weight: float = 1.0  # weight of the entropy in the head-selection loss (paper: 1)
+    tie_z: float = 2.0  # select=tie: a head ties with the lowest-loss one when its loss is within tie_z standard
+    #                      errors of their paired per-image difference (0: only equal losses tie, the loss rule)
     cached_views: int = 4  # mode=cached: augmented views stored per image (anchors and neighbours draw one of
     #                         them per step); 0 trains on the un-augmented features only (like mode=head)
     min_steps: int = 0  # small datasets: run at least this many optimiser steps (epochs rise to reach it; 0: off)
@@ -242,7 +246,7 @@ _CHOICES = {
     "scan.optimizer": ("sgd", "adam"),
     "scan.loss_backend": ("auto", "triton", "torch"),
     "scan.view": ("simclr", "strong", "weak", "eval"),
-    "scan.select": ("consensus", "loss", "ensemble"),
+    "scan.select": ("consensus", "loss", "ensemble", "tie"),
     "scan.ensemble_rank": ("agreement", "loss"),
     "selflabel.optimizer": ("sgd", "adam"),
     "selflabel.mode": ("full", "cached"),
@@ -390,7 +394,7 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key} must be at least 1; got {value}")
     non_negative = {"pretext.epochs": cfg.pretext.epochs, "scan.epochs": cfg.scan.epochs,
-                    "selflabel.epochs": cfg.selflabel.epochs}
+                    "selflabel.epochs": cfg.selflabel.epochs, "scan.tie_z": cfg.scan.tie_z}
     for key, value in non_negative.items():
         if value < 0:
             raise ConfigError(f"{key} must be >= 0; got {value}")

@@ -64,7 +64,7 @@ LEGACY_STAGE_KEYS: dict[str, tuple[str, ...]] = {
 # setting reruns no finished stage; any other value counts like every other key. tests/test_stage_keys.py.
 ADDED_LATER: dict[str, Any] = {"mine.pixel_weight": 1.0, "selflabel.teacher_flip": False, "scan.candidate_heads": 0,
                                  "scan.screen_fraction": 0.15, "scan.ensemble_rank": "agreement",
-                                 "mine.mutual": False}
+                                 "mine.mutual": False, "scan.tie_z": 2.0}
 
 _MISSING = object()
 

@@ -48,6 +48,8 @@ def test_unknown_key_in_yaml_names_the_file(tmp_path):
     ("data.channels=2", "data.channels"),
     ("mine.layer=stem", "mine.layer"),
     ("mine.grid=0", "mine.grid"),
+    ("scan.tie_z=-1", "scan.tie_z"),
+    ("scan.select=lowest", "scan.select"),
     ("noequals", "key=value"),
 ])
 def test_bad_values_name_the_key(override, fragment):

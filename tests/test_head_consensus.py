@@ -115,3 +115,24 @@ def test_a_loss_ranked_ensemble_takes_the_lowest_losses_and_aligns_onto_the_lowe
     a2, a1 = logits[2].argmax(1), logits[1].argmax(1)
     assert np.mean(perms[1][a1] == a2) > 0.8 > 0.3 > np.mean(a1 == a2)
     assert hc.ensemble(logits, classes, size=3, losses=losses)[0] == [2, 1, 0]
+
+
+def test_a_tie_is_broken_by_agreement_and_a_clear_loss_gap_is_not_a_tie():
+    losses = np.array([-2.110, -2.117, -2.115, -2.090, -2.116])
+    errors = np.array([0.003, 0.0, 0.003, 0.003, 0.003])  # paired, against head 1 (the lowest)
+    agreement = np.array([0.95, 0.60, 0.80, 0.99, -1.0])  # head 4 degenerate, head 3 far above in loss
+    head, tie = hc.tie_break(losses, errors, agreement, z=2.0)
+    assert tie == [1, 2]  # within 0.006: heads 1 and 2; head 4 is degenerate, heads 0 and 3 lie beyond 2 errors
+    assert head == 2  # of the tie, the one agreeing most with the other heads
+    head, tie = hc.tie_break(losses, errors, agreement, z=3.0)
+    assert tie == [1, 2, 0] and head == 0  # 0.007 <= 0.009: head 0 joins and agrees most
+    # z = 0: only the lowest loss ties with itself, the paper's loss rule
+    assert hc.tie_break(losses, errors, agreement, z=0.0) == (1, [1])
+
+
+def test_a_tie_keeps_the_lowest_loss_head_on_equal_agreement_and_when_it_alone_is_usable():
+    losses, errors = np.array([-1.0, -1.001, -0.9995]), np.array([0.01, 0.0, 0.01])
+    assert hc.tie_break(losses, errors, np.array([0.7, 0.7, 0.7]), z=2.0) == (1, [1, 0, 2])
+    # the lowest head degenerate, every other beyond the tie: it is still what is kept (the loss rule's pick)
+    assert hc.tie_break(np.array([-1.0, -2.0]), np.array([0.001, 0.0]), np.array([0.9, -1.0]), z=2.0) == (1, [1])
+

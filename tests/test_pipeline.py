@@ -239,7 +239,7 @@ def test_the_ensemble_handed_on_is_the_one_scored(tmp_path, fashion_mnist, rank)
                else np.argsort(-np.asarray(scan["head_agreement"]), kind="stable"))
     assert scan["ensemble"] == ranking[:3].tolist() and scan["best_head"] == scan["ensemble"][0]
     assert scan["ensemble"][0] == (scan["loss_head"] if rank == "loss" else scan["consensus_head"])
-    assert set(heads["acc_by_rule"]) == {"loss", "consensus", "ensemble"}
+    assert set(heads["acc_by_rule"]) == {"loss", "consensus", "tie", "ensemble"}
     saved = torch.load(run_dir / "scan" / "model.pt", weights_only=False)
     stored = np.load(run_dir / "scan" / "eval_logits.npy").transpose(1, 0, 2)
     expected = head_consensus.ensemble_log_probs(stored, saved["ensemble"], np.asarray(saved["ensemble_perms"]))
@@ -250,6 +250,25 @@ def test_the_ensemble_handed_on_is_the_one_scored(tmp_path, fashion_mnist, rank)
     threshold = heads["confident_threshold"]
     assert heads["confident_share"] == pytest.approx(float((np.exp(expected.max(axis=1)) > threshold).mean()))
     assert metrics["acc"] == pytest.approx(heads["selected"]["acc"], abs=1e-3)  # a near-tie may flip one image
+
+
+def test_the_tie_rule_hands_on_the_most_agreeing_head_of_the_tie(tmp_path, fashion_mnist):
+    """scan.select=tie: the heads within scan.tie_z paired standard errors of the lowest selection loss form the
+    tie (recorded with the errors), and the head handed on and scored is the tie's most agreeing one."""
+    import numpy as np
+
+    run_dir = tmp_path / "run"
+    result = launch(run_dir, "scan.select=tie", "scan.num_heads=4", "selflabel.enabled=false")
+    assert result.returncode == 0, result.stdout + result.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    scan, heads = metrics["stages"]["scan"], metrics["stages"]["evaluate"]["scan_heads"]
+    losses, errors = np.asarray(scan["selection_losses"]), np.asarray(scan["selection_standard_errors"])
+    agreement, lowest = np.asarray(scan["head_agreement"]), scan["loss_head"]
+    assert errors[lowest] == 0 and (errors[np.arange(4) != lowest] > 0).all()
+    within = [h for h in range(4) if agreement[h] > -1 and losses[h] - losses[lowest] <= 2.0 * errors[h]]
+    assert sorted(scan["tie"]) == sorted({lowest, *within})
+    assert scan["best_head"] == scan["tie_head"] == max(scan["tie"], key=lambda h: agreement[h])
+    assert heads["selected_head"] == scan["best_head"] and heads["selected"]["acc"] == heads["acc_by_rule"]["tie"]
 
 
 def test_model_init_depends_on_the_seed_and_stage_only():

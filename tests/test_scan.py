@@ -1,5 +1,5 @@
 """SCAN stage pieces: neighbour sampling (the image itself included), cached-view draws and the label-free head
-selection (chunked: it must equal the whole-set formula)."""
+selection (chunked: it must equal the whole-set formula; its paired standard errors must equal the per-image ones)."""
 import numpy as np
 import torch
 
@@ -7,7 +7,7 @@ from scan_dist import kernels
 from scan_dist.data.loaders import sample_partners
 from scan_dist.data.sampling import stream_key
 from scan_dist.stages.feature_cache import ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW, draw_views
-from scan_dist.stages.scan import selection_losses
+from scan_dist.stages.scan import consistency_moments, paired_standard_errors, selection_losses
 
 
 def test_sample_partners_draws_from_list_and_self():
@@ -52,3 +52,25 @@ def test_cached_views_are_uniform_over_the_augmented_views():
     assert counts[0] == 0 and (counts[1:] - 1500).abs().max() < 150
     assert (anchor_views != partner_views).float().mean() > 0.6  # independent draws
     assert draw_views(key, anchors[:5], ANCHOR_VIEW_DRAW, 0).tolist() == [0] * 5
+
+
+def test_paired_standard_errors_equal_those_of_the_per_image_differences():
+    """The one-pass moments give, for every head, the standard error of its mean per-image consistency difference
+    to a reference head, computed here image by image; and the means are the losses' consistency terms."""
+    rng = np.random.default_rng(0)
+    heads, num, classes, k = 4, 53, 5, 3
+    logits = rng.normal(0, 2, (heads, num, classes)).astype(np.float32)
+    neighbors = np.stack([rng.permutation(num) for _ in range(k)], axis=1)
+    probs = torch.softmax(torch.from_numpy(logits).double(), dim=-1)
+    per_image = torch.stack([-torch.log((probs * probs[:, neighbors[:, j]]).sum(-1)) for j in range(k)]).mean(0)
+    mean, second, count = consistency_moments(logits, neighbors, chunk=10)
+    assert count == num
+    np.testing.assert_allclose(mean, per_image.mean(1).numpy(), rtol=1e-5)
+    consistency_only = selection_losses(logits, neighbors, entropy_weight=0.0, chunk=10).numpy()
+    np.testing.assert_allclose(mean, consistency_only, rtol=1e-5)
+    for reference in range(heads):
+        errors = paired_standard_errors((mean, second, count), reference)
+        diffs = (per_image - per_image[reference]).numpy()
+        np.testing.assert_allclose(errors, diffs.std(axis=1) / np.sqrt(num), rtol=1e-4, atol=1e-9)
+        assert errors[reference] == 0.0
+

@@ -130,7 +130,8 @@ def _score_scan_heads(cfg, ctx, targets, keep: np.ndarray) -> dict:
             ensemble_confidence.append(np.exp(log_probs.max(axis=1)))
     predictions = np.concatenate(predictions)[keep]
     heads = [M.cluster_metrics(targets, predictions[:, h]) for h in range(predictions.shape[1])]
-    rules = {rule: heads[int(saved[f"{rule}_head"])]["acc"] for rule in ("loss", "consensus") if f"{rule}_head" in saved}
+    rules = {rule: heads[int(saved[f"{rule}_head"])]["acc"] for rule in ("loss", "consensus", "tie")
+             if f"{rule}_head" in saved}
     selected, handed_on, confidence = heads[best], predictions[:, best], np.concatenate(head_confidence)[keep]
     if ensemble:
         ensemble_predictions = np.concatenate(ensemble)[keep]

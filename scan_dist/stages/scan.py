@@ -48,6 +48,24 @@ def selection_chunk(k: int, heads: int, classes: int, num: int) -> int:
     return int(min(num, max(1, SELECT_CHUNK_BYTES // max(1, k * heads * classes * 4))))
 
 
+def _anchor_chunks(logits, neighbors, chunk: int | None):
+    """(anchors [H, n, C], their neighbours' logits [H, n * k, C]) as float32 tensors, a chunk of anchors at a time,
+    from `logits` [H, N, C] (a tensor or a memory-mapped array) and `neighbors` [N, k]."""
+    if isinstance(logits, torch.Tensor):
+        logits = logits.detach().cpu().float().numpy()
+    heads, num, classes = logits.shape
+    neighbors = np.asarray(neighbors)
+    chunk = chunk or selection_chunk(neighbors.shape[1], heads, classes, num)
+    for start in range(0, num, chunk):
+        stop = min(start + chunk, num)
+        anchors = torch.as_tensor(np.array(logits[:, start:stop], dtype=np.float32))
+        flat = neighbors[start:stop].reshape(-1)
+        order = np.argsort(flat, kind="stable")  # read the partner rows in file order, then put them back
+        partners = torch.empty(heads, len(flat), classes)
+        partners[:, torch.from_numpy(order)] = torch.as_tensor(np.array(logits[:, flat[order]], dtype=np.float32))
+        yield anchors, partners
+
+
 def selection_losses(logits, neighbors, entropy_weight: float, chunk: int | None = None,
                      eps: float = 1e-8) -> torch.Tensor:
     """Per-head SCAN loss over every (image, neighbour) pair of the evaluation set: lower is better.
@@ -56,28 +74,46 @@ def selection_losses(logits, neighbors, entropy_weight: float, chunk: int | None
     time: the consistency term sums over pairs, and the entropy's mean prediction over the anchors repeated k times
     is the mean over the anchors. Memory is O(chunk * k * H * C), not O(N * k * H * C).
     """
-    if isinstance(logits, torch.Tensor):
-        logits = logits.detach().cpu().float().numpy()
     heads, num, _ = logits.shape
-    neighbors = np.asarray(neighbors)
-    k = neighbors.shape[1]
-    chunk = chunk or selection_chunk(k, heads, logits.shape[2], num)
+    k = np.shape(neighbors)[1]
     consistency_sum = torch.zeros(heads, dtype=torch.float64)
     prob_sum = None
-    for start in range(0, num, chunk):
-        stop = min(start + chunk, num)
-        anchors = torch.as_tensor(np.array(logits[:, start:stop], dtype=np.float32))
-        flat = neighbors[start:stop].reshape(-1)
-        order = np.argsort(flat, kind="stable")  # read the partner rows in file order, then put them back
-        partners = torch.empty(heads, len(flat), anchors.shape[2])
-        partners[:, torch.from_numpy(order)] = torch.as_tensor(np.array(logits[:, flat[order]], dtype=np.float32))
+    for anchors, partners in _anchor_chunks(logits, neighbors, chunk):
         _, consistency, _ = kernels.scan_loss(anchors.repeat_interleave(k, dim=1), partners, 0.0)
-        consistency_sum += consistency.double() * len(flat)
+        consistency_sum += consistency.double() * partners.shape[1]
         probs = torch.softmax(anchors, dim=-1).double().sum(dim=1)
         prob_sum = probs if prob_sum is None else prob_sum + probs
     pbar = prob_sum / num
     entropy = -(pbar * torch.log(pbar.clamp_min(eps))).sum(dim=-1)
     return (consistency_sum / (num * k) - float(entropy_weight) * entropy).float()
+
+
+def consistency_moments(logits, neighbors, chunk: int | None = None,
+                        eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray, int]:
+    """Each head's consistency term per evaluation image, c_h(i) = -mean_j log <p_h(i), p_h(j)> over image i's
+    mined neighbours j, summarised as (mean [H], second moments E_i[c_h(i) c_g(i)] [H, H], images N): what the
+    standard error of two heads' paired loss difference needs, in one pass and O(H^2) memory whatever N."""
+    heads, num, _ = logits.shape
+    k = np.shape(neighbors)[1]
+    total = torch.zeros(heads, dtype=torch.float64)
+    second = torch.zeros(heads, heads, dtype=torch.float64)
+    for anchors, partners in _anchor_chunks(logits, neighbors, chunk):
+        p_partners = torch.softmax(partners, dim=-1).view(heads, anchors.shape[1], k, -1)  # [H, n, k, C]
+        dots = torch.matmul(p_partners, torch.softmax(anchors, dim=-1).unsqueeze(-1)).squeeze(-1)  # [H, n, k]
+        per_image = -torch.log(dots.clamp_min(eps)).double().mean(dim=2)  # [H, n]
+        total += per_image.sum(dim=1)
+        second += per_image @ per_image.T
+    return (total / num).numpy(), (second / num).numpy(), num
+
+
+def paired_standard_errors(moments: tuple[np.ndarray, np.ndarray, int], reference: int) -> np.ndarray:
+    """[H] standard error of the mean per-image difference c_h - c_reference (0 for the reference itself): how far
+    apart two heads' selection losses must lie before the evaluation images tell them apart. The entropy term is a
+    property of the whole set, not a mean over images, so it adds no sampling error here."""
+    mean, second, num = moments
+    diff_mean = mean - mean[reference]
+    variance = np.diag(second) - 2 * second[:, reference] + second[reference, reference] - diff_mean ** 2
+    return np.sqrt(np.maximum(variance, 0.0) / num)
 
 
 def load_mined_space(cfg, ctx, space) -> None:
@@ -113,20 +149,25 @@ def run(cfg, ctx, config_hash: str) -> dict:
     members, perms, agreement = head_consensus.ensemble(eval_logits, cfg.num_clusters, s.ensemble_size,
                                                         losses=losses.numpy() if by_loss else None)
     consensus_head = int(np.argmax(agreement))  # the medoid: the head that agrees most with the others
-    best = {"loss": loss_head, "consensus": consensus_head, "ensemble": members[0]}[s.select]
+    errors = paired_standard_errors(consistency_moments(eval_logits, eval_neighbors), loss_head)
+    tie_head, tie = head_consensus.tie_break(losses.numpy(), errors, agreement, s.tie_z)
+    best = {"loss": loss_head, "consensus": consensus_head, "ensemble": members[0], "tie": tie_head}[s.select]
     handed_on = members if s.select == "ensemble" else [best]
     ctx.log.info("scan: head selection losses %s -> head %d; mean agreement with the other heads %s -> head %d "
-                 "(ensemble of the %d %s: %s); scan.select=%s hands on %s",
+                 "(ensemble of the %d %s: %s); tied with head %d within %g standard errors (%s): %s -> head %d; "
+                 "scan.select=%s hands on %s",
                  [round(float(v), 4) for v in losses], loss_head, [round(float(v), 3) for v in agreement],
-                 consensus_head, len(members), "lowest-loss" if by_loss else "most agreeing", members, s.select,
-                 handed_on)
+                 consensus_head, len(members), "lowest-loss" if by_loss else "most agreeing", members, loss_head,
+                 s.tie_z, [round(float(v), 4) for v in errors], tie, tie_head, s.select, handed_on)
     out = ctx.stage_dir("scan") / "model.pt"
     if ctx.is_main:
         save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist(),
-                         "loss_head": loss_head, "consensus_head": consensus_head, "select": s.select,
+                         "loss_head": loss_head, "consensus_head": consensus_head, "tie_head": tie_head,
+                         "select": s.select,
                          "ensemble": members, "ensemble_perms": perms.tolist()})
     metrics = {"best_head": best, "select": s.select, "loss_head": loss_head, "consensus_head": consensus_head,
-               "ensemble": members, "selection_losses": [float(v) for v in losses],
+               "tie_head": tie_head, "tie": tie, "ensemble": members, "selection_losses": [float(v) for v in losses],
+               "selection_standard_errors": [float(v) for v in errors],
                "head_agreement": [float(v) for v in agreement]}
     if history:
         metrics.update({f"final_{k}": v for k, v in history[-1].items()})

@@ -1,0 +1,123 @@
+"""Diagnostic (reads labels): label-free head selection rules that treat near-equal selection losses as a tie.
+
+The loss rule (`scan.select=loss`, the paper's) keeps the head of lowest SCAN loss on the evaluation images and
+their mined neighbours. On the demo the lowest losses lie within a few thousandths of each other, about one
+standard error of a paired loss difference over the 10,000 evaluation images, and the twenty-sixth pass saw the
+pick flip between two of them (74.9 % and 71.7 %, losses 0.0002 apart) when only the float rounding of the later
+stages changed. This script scores, on finished runs, rules that call such heads a tie and break it by something
+the rounding cannot flip, the heads' agreement with each other. It reads each run's `scan/eval_logits.npy` (every
+head's logits on the evaluation images), `mine/eval_neighbors.npy` and `metrics.json` (the selection losses; each
+head's accuracy from the evaluate stage):
+
+* ``loss``: the lowest loss (the reference);
+* ``tie@z``: `scan.select=tie` with `scan.tie_z=z` (head_consensus.tie_break): of the lowest-loss head and the
+  usable heads within z paired standard errors of its loss, the one of highest mean NMI to the usable heads;
+* ``eps@e``: the same with a fixed margin e instead of z standard errors;
+* ``top@k``: of the k lowest-loss usable heads, the one of highest mean NMI to the usable heads.
+
+For each rule and run: the picked head and its accuracy (the SCAN stage's ACC that rule hands on) and, to see how
+much each rule leans on the last bits, its mean accuracy and the share of draws whose pick changes when every
+head's loss moves by Gaussian noise of `--noise` (default 0.0003, the size of the flip seen). One JSON line per
+run, then a summary line (per rule: mean points below the best head, the worst run, the same under noise, the
+flip rate). Labels are read here, for the diagnostic only; nothing is written into the runs.
+
+Usage::
+
+    python benchmarks/tie_selection.py runs/base/seed* runs/avx2/seed*          # a few seconds per run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+if __package__ in (None, ""):  # run as a script: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scan_dist import head_consensus  # noqa: E402
+from scan_dist.stages.scan import consistency_moments, paired_standard_errors  # noqa: E402
+
+Z_VALUES = (1.0, 1.5, 2.0, 3.0)
+EPSILONS = (0.003, 0.005, 0.01)
+TOP_KS = (3,)
+NOISE_DRAWS = 400
+
+
+def top_pick(losses: np.ndarray, usable: np.ndarray, agreement: np.ndarray, k: int) -> int:
+    order = [h for h in np.argsort(losses, kind="stable") if usable[h]][:k]
+    return int(order[np.argmax(agreement[order])])
+
+
+def rules(errors: np.ndarray, agreement: np.ndarray) -> dict:
+    """name -> function(losses) -> head: every rule this script scores. `errors[r]`: paired standard errors against
+    head r (under the loss noise another head may become the lowest; the errors' size is the images')."""
+    usable = agreement > -1
+    out = {"loss": lambda losses: int(np.argmin(losses))}
+    for z in Z_VALUES:
+        out[f"tie@{z:g}"] = lambda losses, z=z: head_consensus.tie_break(losses, errors[np.argmin(losses)],
+                                                                          agreement, z)[0]
+    for eps in EPSILONS:
+        flat = np.full(len(errors), eps)
+        out[f"eps@{eps:g}"] = lambda losses, f=flat: head_consensus.tie_break(losses, f, agreement, 1.0)[0]
+    for k in TOP_KS:
+        out[f"top@{k}"] = lambda losses, k=k: top_pick(losses, usable, agreement, k)
+    return out
+
+
+def measure(run: Path, noise: float, seed: int = 0) -> dict:
+    metrics = json.loads((run / "metrics.json").read_text())
+    losses = np.asarray(metrics["stages"]["scan"]["selection_losses"], dtype=np.float64)
+    acc = 100 * np.asarray(metrics["stages"]["evaluate"]["scan_heads"]["acc_per_head"], dtype=np.float64)
+    logits = np.swapaxes(np.load(run / "scan" / "eval_logits.npy", mmap_mode="r"), 0, 1)  # [H, N, C]
+    neighbors = np.load(run / "mine" / "eval_neighbors.npy", mmap_mode="r")
+    agreement, _ = head_consensus.consensus_scores(head_consensus.hard_assignments(logits), logits.shape[2])
+    moments = consistency_moments(logits, neighbors)
+    errors = np.stack([paired_standard_errors(moments, r) for r in range(len(losses))])
+    shifts = np.random.default_rng(seed).normal(0.0, noise, size=(NOISE_DRAWS, len(losses)))
+    row = {"run": str(run), "best": round(float(acc.max()), 2), "median": round(float(np.median(acc)), 2),
+           "lowest_errors": [round(float(v), 4) for v in np.sort(errors[np.argmin(losses)])[1:4]]}
+    for name, pick in rules(errors, agreement).items():
+        head = pick(losses)
+        noisy = np.array([pick(losses + s) for s in shifts])
+        row[name] = {"head": head, "acc": round(float(acc[head]), 2),
+                     "acc_noisy": round(float(acc[noisy].mean()), 2),
+                     "flips": round(float((noisy != head).mean()), 3)}
+    return row
+
+
+def summary(rows: list[dict]) -> dict:
+    names = [k for k in rows[0] if isinstance(rows[0][k], dict)]
+    out = {"runs": len(rows)}
+    for name in names:
+        below = [r["best"] - r[name]["acc"] for r in rows]
+        below_noisy = [r["best"] - r[name]["acc_noisy"] for r in rows]
+        out[name] = {"below_best": round(float(np.mean(below)), 2), "worst_below": round(float(np.max(below)), 2),
+                     "below_best_noisy": round(float(np.mean(below_noisy)), 2),
+                     "flips": round(float(np.mean([r[name]["flips"] for r in rows])), 3)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (scan and evaluate stages done)")
+    parser.add_argument("--noise", type=float, default=0.0003, help="std of the loss perturbation (default 0.0003)")
+    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    args = parser.parse_args(argv)
+    rows = []
+    for run in args.runs:
+        missing = [p for p in ("metrics.json", "scan/eval_logits.npy", "mine/eval_neighbors.npy") if not (run / p).exists()]
+        if missing:
+            raise SystemExit(f"{run}: not a finished run ({', '.join(missing)} missing)")
+        rows.append(measure(run, args.noise))
+    lines = [json.dumps(r) for r in rows] + [json.dumps({"summary": summary(rows)})]
+    print("\n".join(lines))
+    if args.out:
+        with args.out.open("a") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""benchmarks/tie_selection.py: the tie rules on one fabricated run folder, and the noise that flips the loss rule."""
+import json
+
+import numpy as np
+import pytest
+
+from benchmarks import tie_selection
+
+
+def _head(truth, noise, classes, rng):
+    """Logits [N, C] of a head predicting a permutation of `truth`, a share `noise` of rows moved at random."""
+    labels = truth.copy()
+    flip = rng.random(len(truth)) < noise
+    labels[flip] = rng.integers(0, classes, flip.sum())
+    labels = rng.permutation(classes)[labels]
+    logits = rng.normal(0, 0.1, (len(truth), classes))
+    logits[np.arange(len(truth)), labels] += 5
+    return logits
+
+
+def _fake_run(tmp_path, losses, accs, noise=(0.45, 0.05, 0.4)):
+    rng = np.random.default_rng(0)
+    classes, truth = 4, rng.integers(0, 4, 2000)
+    run = tmp_path / "run"
+    for stage in ("scan", "mine"):
+        (run / stage).mkdir(parents=True)
+    logits = np.stack([_head(truth, n, classes, rng) for n in noise], axis=1).astype(np.float32)  # [N, H, C]
+    np.save(run / "scan" / "eval_logits.npy", logits)
+    order = np.argsort(truth, kind="stable")  # neighbours: the next images of the same true class
+    neighbors = np.empty((len(truth), 2), np.int64)
+    for shift in (1, 2):
+        neighbors[order, shift - 1] = order[(np.arange(len(order)) + shift) % len(order)]
+    np.save(run / "mine" / "eval_neighbors.npy", neighbors)
+    (run / "metrics.json").write_text(json.dumps({"stages": {"scan": {"selection_losses": losses},
+                                                             "evaluate": {"scan_heads": {"acc_per_head": accs}}}}))
+    return run
+
+
+def test_a_near_tie_goes_to_the_most_agreeing_head_and_no_noise_flips_it(tmp_path):
+    # head 0 lowest by 0.0001 (a last-bit gap), head 1 the cleanest clustering, head 2 far above in loss
+    run = _fake_run(tmp_path, losses=[-2.0, -1.9999, -1.0], accs=[0.6, 0.9, 0.7])
+    row = tie_selection.measure(run, noise=0.0003)
+    assert row["best"] == 90.0 and row["loss"]["head"] == 0 and row["loss"]["acc"] == 60.0
+    assert 0.2 < row["loss"]["flips"] < 0.8  # the loss rule's pick is a coin under noise of that size
+    for rule in ("tie@1", "tie@2", "eps@0.005", "top@3"):
+        assert (row[rule]["head"], row[rule]["acc"], row[rule]["flips"]) == (1, 90.0, 0.0), rule
+    # z = 0 would be the loss rule; a gap far beyond the errors is never a tie
+    errors = np.asarray(row["lowest_errors"])
+    assert (errors > 0).all() and (errors < 0.5).all()
+    summary = tie_selection.summary([row])
+    assert summary["loss"]["below_best"] == 30.0 and summary["tie@2"]["below_best"] == 0.0
+
+
+def test_a_clear_loss_gap_keeps_the_lowest_loss_head(tmp_path):
+    run = _fake_run(tmp_path, losses=[-2.0, -1.5, -1.0], accs=[0.6, 0.9, 0.7])
+    row = tie_selection.measure(run, noise=0.0003)
+    assert row["tie@2"]["head"] == row["loss"]["head"] == 0 and row["tie@2"]["flips"] == 0.0
+    assert row["top@3"]["head"] == 1  # top@k ignores the gap: what the tie rule is built not to do
+
+
+def test_an_unfinished_run_is_named(tmp_path):
+    (tmp_path / "run").mkdir()
+    with pytest.raises(SystemExit, match="run: not a finished run"):
+        tie_selection.main([str(tmp_path / "run")])
