@@ -4,18 +4,8 @@ import pytest
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
+from fake_heads import noisy_head
 from scan_dist import head_consensus as hc
-
-
-def _noisy_head(truth, noise, classes, rng):
-    """Logits of a head that predicts a permutation of `truth`, with a share `noise` of rows moved at random."""
-    labels = truth.copy()
-    flip = rng.random(len(truth)) < noise
-    labels[flip] = rng.integers(0, classes, flip.sum())
-    labels = rng.permutation(classes)[labels]
-    logits = rng.normal(0, 0.1, (len(truth), classes))
-    logits[np.arange(len(truth)), labels] += 5
-    return logits
 
 
 def test_nmi_matches_sklearn():
@@ -31,7 +21,7 @@ def test_the_most_typical_head_wins_whatever_its_loss_or_index():
     rng = np.random.default_rng(1)
     classes, truth = 6, rng.integers(0, 6, 4000)
     noise = [0.6, 0.5, 0.1, 0.55, 0.45, 0.5]  # head 2 is the cleanest clustering; the others err independently
-    logits = np.stack([_noisy_head(truth, n, classes, rng) for n in noise])
+    logits = np.stack([noisy_head(truth, n, classes, rng) for n in noise])
     (best, *_), _, scores = hc.ensemble(logits, classes, size=1)
     assert best == 2
     assert np.argsort(-scores)[-1] == 0  # the noisiest agrees least
@@ -40,7 +30,7 @@ def test_the_most_typical_head_wins_whatever_its_loss_or_index():
 def test_a_degenerate_head_neither_wins_nor_votes():
     rng = np.random.default_rng(2)
     classes, truth = 5, rng.integers(0, 5, 3000)
-    heads = [_noisy_head(truth, n, classes, rng) for n in (0.4, 0.3, 0.35)]
+    heads = [noisy_head(truth, n, classes, rng) for n in (0.4, 0.3, 0.35)]
     collapsed = heads[1].copy()
     collapsed[:, 4] -= 100  # the cleanest head but cluster 4 empty: the entropy term failed
     logits = np.stack([*heads[:1], collapsed, heads[2]])
@@ -82,7 +72,7 @@ def test_ensemble_averages_aligned_heads_and_beats_its_members():
     rng = np.random.default_rng(5)
     classes, truth = 6, rng.integers(0, 6, 6000)
     noise = [0.45, 0.5, 0.4, 0.5, 0.45]  # independent errors: the vote corrects what any one head gets wrong
-    logits = np.stack([_noisy_head(truth, n, classes, rng) for n in noise])
+    logits = np.stack([noisy_head(truth, n, classes, rng) for n in noise])
     collapsed = logits[0].copy()
     collapsed[:, 2] -= 100
     logits = np.concatenate([logits, collapsed[None]])
@@ -104,7 +94,7 @@ def test_a_loss_ranked_ensemble_takes_the_lowest_losses_and_aligns_onto_the_lowe
     member relabelled onto the first one's numbering."""
     rng = np.random.default_rng(6)
     classes, truth = 4, rng.integers(0, 4, 3000)
-    logits = np.stack([_noisy_head(truth, 0.1, classes, rng) for _ in range(4)])
+    logits = np.stack([noisy_head(truth, 0.1, classes, rng) for _ in range(4)])
     logits[2] = logits[2][:, [2, 0, 3, 1]]  # head 2 numbers its clusters another way
     logits[3][:, 1] -= 100  # head 3 leaves cluster 1 empty
     losses = np.array([-1.0, -1.5, -2.0, -3.0])

@@ -5,17 +5,7 @@ import numpy as np
 import pytest
 
 from benchmarks import tie_selection
-
-
-def _head(truth, noise, classes, rng):
-    """Logits [N, C] of a head predicting a permutation of `truth`, a share `noise` of rows moved at random."""
-    labels = truth.copy()
-    flip = rng.random(len(truth)) < noise
-    labels[flip] = rng.integers(0, classes, flip.sum())
-    labels = rng.permutation(classes)[labels]
-    logits = rng.normal(0, 0.1, (len(truth), classes))
-    logits[np.arange(len(truth)), labels] += 5
-    return logits
+from fake_heads import noisy_head
 
 
 def _fake_run(tmp_path, losses, accs, noise=(0.45, 0.05, 0.4)):
@@ -24,7 +14,7 @@ def _fake_run(tmp_path, losses, accs, noise=(0.45, 0.05, 0.4)):
     run = tmp_path / "run"
     for stage in ("scan", "mine"):
         (run / stage).mkdir(parents=True)
-    logits = np.stack([_head(truth, n, classes, rng) for n in noise], axis=1).astype(np.float32)  # [N, H, C]
+    logits = np.stack([noisy_head(truth, n, classes, rng) for n in noise], axis=1).astype(np.float32)  # [N, H, C]
     np.save(run / "scan" / "eval_logits.npy", logits)
     order = np.argsort(truth, kind="stable")  # neighbours: the next images of the same true class
     neighbors = np.empty((len(truth), 2), np.int64)
@@ -44,7 +34,7 @@ def test_a_near_tie_goes_to_the_most_agreeing_head_and_no_noise_flips_it(tmp_pat
     assert 0.2 < row["loss"]["flips"] < 0.8  # the loss rule's pick is a coin under noise of that size
     for rule in ("tie@1", "tie@2", "eps@0.005", "top@3"):
         assert (row[rule]["head"], row[rule]["acc"], row[rule]["flips"]) == (1, 90.0, 0.0), rule
-    # z = 0 would be the loss rule; a gap far beyond the errors is never a tie
+    # the paired errors of differing heads: positive, and far below head 2's gap of 1.0
     errors = np.asarray(row["lowest_errors"])
     assert (errors > 0).all() and (errors < 0.5).all()
     summary = tie_selection.summary([row])
