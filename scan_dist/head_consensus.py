@@ -18,6 +18,9 @@ every member; on the demo they are only partly so: over six head populations the
 pass), so the demo does not hand on an ensemble (it keeps the lowest-loss head:
 benchmarks/results/accuracy_history.md, third pass). `scan.ensemble_rank=loss` averages the lowest-loss heads
 instead of the most agreeing ones (README's lever table has what it measured).
+
+`scan.select=tie` (`tie_break`) uses agreement only where the loss cannot decide: among the heads whose SCAN loss
+the evaluation images cannot tell from the lowest one's.
 """
 from __future__ import annotations
 
