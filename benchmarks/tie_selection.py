@@ -17,9 +17,10 @@ head's accuracy from the evaluate stage):
 
 For each rule and run: the picked head and its accuracy (the SCAN stage's ACC that rule hands on) and, to see how
 much each rule leans on the last bits, its mean accuracy and the share of draws whose pick changes when every
-head's loss moves by Gaussian noise of `--noise` (default 0.0003, the size of the flip seen). One JSON line per
-run, then a summary line (per rule: mean points below the best head, the worst run, the same under noise, the
-flip rate). Labels are read here, for the diagnostic only; nothing is written into the runs.
+head's loss moves by Gaussian noise of `--noise` (default 0.0003, the size of the flip seen); and the tie of the
+default `scan.tie_z` (2), in loss order. One JSON line per run, then a summary line (per rule: mean points below
+the best head, the worst run, the same under noise, the flip rate). Labels are read here, for the diagnostic
+only; nothing is written into the runs.
 
 Usage::
 
@@ -41,6 +42,7 @@ from scan_dist import head_consensus  # noqa: E402
 from scan_dist.stages.scan import consistency_moments, paired_standard_errors  # noqa: E402
 
 Z_VALUES = (1.0, 1.5, 2.0, 3.0)
+DEFAULT_Z = 2.0  # scan.tie_z's default: the tie each row records
 EPSILONS = (0.003, 0.005, 0.01)
 TOP_KS = (3,)
 NOISE_DRAWS = 400
@@ -78,7 +80,8 @@ def measure(run: Path, noise: float, seed: int = 0) -> dict:
     errors = np.stack([paired_standard_errors(moments, r) for r in range(len(losses))])
     shifts = np.random.default_rng(seed).normal(0.0, noise, size=(NOISE_DRAWS, len(losses)))
     row = {"run": str(run), "best": round(float(acc.max()), 2), "median": round(float(np.median(acc)), 2),
-           "lowest_errors": [round(float(v), 4) for v in np.sort(errors[np.argmin(losses)])[1:4]]}
+           "lowest_errors": [round(float(v), 4) for v in np.sort(errors[np.argmin(losses)])[1:4]],
+           "tie": head_consensus.tie_break(losses, errors[np.argmin(losses)], agreement, DEFAULT_Z)[1]}
     for name, pick in rules(errors, agreement).items():
         head = pick(losses)
         noisy = np.array([pick(losses + s) for s in shifts])

@@ -30,7 +30,7 @@ def test_a_near_tie_goes_to_the_most_agreeing_head_and_no_noise_flips_it(tmp_pat
     # head 0 lowest by 0.0001 (a last-bit gap), head 1 the cleanest clustering, head 2 far above in loss
     run = _fake_run(tmp_path, losses=[-2.0, -1.9999, -1.0], accs=[0.6, 0.9, 0.7])
     row = tie_selection.measure(run, noise=0.0003)
-    assert row["best"] == 90.0 and row["loss"]["head"] == 0 and row["loss"]["acc"] == 60.0
+    assert row["best"] == 90.0 and row["loss"]["head"] == 0 and row["loss"]["acc"] == 60.0 and row["tie"] == [0, 1]
     assert 0.2 < row["loss"]["flips"] < 0.8  # the loss rule's pick is a coin under noise of that size
     for rule in ("tie@1", "tie@2", "eps@0.005", "top@3"):
         assert (row[rule]["head"], row[rule]["acc"], row[rule]["flips"]) == (1, 90.0, 0.0), rule
