@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     rows = []
     for run in args.runs:
-        missing = [p for p in ("metrics.json", "scan/eval_logits.npy", "mine/eval_neighbors.npy") if not (run / p).exists()]
+        needed = ("metrics.json", "scan/eval_logits.npy", "mine/eval_neighbors.npy")
+        missing = [p for p in needed if not (run / p).exists()]
         if missing:
             raise SystemExit(f"{run}: not a finished run ({', '.join(missing)} missing)")
         rows.append(measure(run, args.noise))

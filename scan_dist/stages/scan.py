@@ -16,8 +16,9 @@ a memory-mapped logits file; `scan.select=consensus` takes the head that agrees 
 lowest loss), relabelled onto the first one's clusters and averaged (see head_consensus.py); `scan.select=tie`
 takes, of the heads whose loss lies within `scan.tie_z` standard errors of the lowest (the error of the mean
 per-image difference of two heads' consistency terms, `paired_standard_errors`), the one that agrees most with the
-other heads (head_consensus.tie_break). Every rule's choice is logged and kept, whichever is used. With `scan.candidate_heads` (mode=head|cached) more heads start than are kept,
-and the loss rule screens them early (`screen_candidates`).
+other heads (head_consensus.tie_break). Every rule's choice is logged and kept, whichever is used. With
+`scan.candidate_heads` (mode=head|cached) more heads start than are kept, and the loss rule screens them early
+(`screen_candidates`).
 """
 from __future__ import annotations
 
