@@ -182,10 +182,12 @@ def test_seeds_make_one_run_folder_each_and_a_mean_std_report(tmp_path, fashion_
         metrics = json.loads((folder / "metrics.json").read_text())
         accs.append(metrics["acc"])
         scan = metrics["stages"]["scan"]
-        assert scan["select"] == "loss"  # the demo's rule, inherited by the smoke preset
-        assert scan["best_head"] == scan["loss_head"] == int(np.argmin(scan["selection_losses"]))
+        assert scan["select"] == "tie"  # the demo's rule, inherited by the smoke preset
+        assert scan["loss_head"] == int(np.argmin(scan["selection_losses"])) == scan["tie"][0]
+        assert scan["best_head"] == scan["tie_head"] and scan["tie_head"] in scan["tie"]
         assert scan["ensemble"][0] == scan["consensus_head"]
-        assert set(metrics["stages"]["evaluate"]["scan_heads"]["acc_by_rule"]) == {"loss", "consensus", "ensemble"}
+        rules = {"loss", "consensus", "tie", "ensemble"}
+        assert set(metrics["stages"]["evaluate"]["scan_heads"]["acc_by_rule"]) == rules
     report = (base / "report.md").read_text()
     assert result.stdout.endswith(report)  # the report printed last is the one written
     row = next(line for line in report.splitlines() if line.startswith("| smoke") and "3, 4" in line)

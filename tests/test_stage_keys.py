@@ -81,7 +81,7 @@ def test_a_view_kind_unknown_to_the_table_takes_every_augment_field():
 # config field is added or a default changes (every run folder then reruns, as before the split); update them then.
 # Both tables below were written while the demo preset (smoke's base) had the strong view's Cutout at 0.4; the
 # twenty-second pass moved it to 0.2, so the old config is the preset with that one setting put back.
-OLD_SMOKE = ["augment.cutout_frac=0.4"]
+OLD_SMOKE = ["augment.cutout_frac=0.4", "scan.select=loss"]  # the smoke preset's values of those days
 SMOKE_LEGACY = {"pretext": "d88efe9677e58b5b", "embed": "6860f2a47859da6a", "mine": "15dd536373829ef8",
                 "scan": "c021b78a4b2ba5ed", "selflabel": "41a09476a45a3cb6", "evaluate": "3163971deddb909f"}
 
@@ -152,6 +152,7 @@ def test_a_setting_added_later_at_its_neutral_value_reruns_nothing():
     cfg = load_config("smoke", OLD_SMOKE)
     assert cfg.mine.pixel_weight == ADDED_LATER["mine.pixel_weight"]
     assert cfg.selflabel.teacher_flip == ADDED_LATER["selflabel.teacher_flip"]
+    assert cfg.scan.tie_z == ADDED_LATER["scan.tie_z"]
     assert stage_hashes(cfg) == SMOKE_E3FFE3B
     settings = result_settings(dataclasses.asdict(cfg))
     assert "mine.pixel_weight" not in settings and "selflabel.teacher_flip" not in settings  # nor label the report's setups
