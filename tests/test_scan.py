@@ -7,7 +7,8 @@ from scan_dist import kernels
 from scan_dist.data.loaders import sample_partners
 from scan_dist.data.sampling import stream_key
 from scan_dist.stages.feature_cache import ANCHOR_VIEW_DRAW, PARTNER_VIEW_DRAW, draw_views
-from scan_dist.stages.scan import consistency_moments, paired_standard_errors, selection_losses
+from scan_dist.stages.scan import (consistency_moments, paired_standard_errors, selection_losses,
+                                   selection_statistics)
 
 
 def test_sample_partners_draws_from_list_and_self():
@@ -74,3 +75,18 @@ def test_paired_standard_errors_equal_those_of_the_per_image_differences():
         np.testing.assert_allclose(errors, diffs.std(axis=1) / np.sqrt(num), rtol=1e-4, atol=1e-9)
         assert errors[reference] == 0.0
 
+
+
+def test_one_pass_gives_the_loss_rules_losses_and_the_moments_of_separate_passes():
+    """The SCAN stage reads the evaluation logits once for both (selection_statistics): its losses must be the loss
+    rule's to the bit (a finished run's head must not change) and its moments those of a pass of their own."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 3, (5, 47, 4)).astype(np.float32)
+    neighbors = np.stack([rng.permutation(47) for _ in range(3)], axis=1)
+    losses, moments = selection_statistics(logits, neighbors, 1.5, chunk=9)
+    assert torch.equal(losses, selection_losses(logits, neighbors, 1.5, chunk=9))
+    alone = consistency_moments(logits, neighbors, chunk=13)  # other chunk borders: only the summation order moves
+    np.testing.assert_allclose(moments[0], alone[0], rtol=1e-12)
+    np.testing.assert_allclose(moments[1], alone[1], rtol=1e-12)
+    assert moments[2] == alone[2] == 47
+    assert selection_statistics(logits, neighbors, 1.5, chunk=9, moments=False)[1] is None

@@ -69,44 +69,48 @@ def _anchor_chunks(logits, neighbors, chunk: int | None):
         yield anchors, partners
 
 
-def selection_losses(logits, neighbors, entropy_weight: float, chunk: int | None = None,
-                     eps: float = 1e-8) -> torch.Tensor:
-    """Per-head SCAN loss over every (image, neighbour) pair of the evaluation set: lower is better.
+def selection_statistics(logits, neighbors, entropy_weight: float, chunk: int | None = None, moments: bool = True,
+                         eps: float = 1e-8):
+    """Per-head SCAN loss over every (image, neighbour) pair of the evaluation set (lower is better) and, with
+    `moments`, the summary of the per-image consistency terms that `paired_standard_errors` needs, in one pass.
 
     `logits` [H, N, C] (tensor or a memory-mapped array) and `neighbors` [N, k] are read a chunk of anchors at a
     time: the consistency term sums over pairs, and the entropy's mean prediction over the anchors repeated k times
-    is the mean over the anchors. Memory is O(chunk * k * H * C), not O(N * k * H * C).
+    is the mean over the anchors. Memory is O(chunk * k * H * C), not O(N * k * H * C); the moments add O(H^2).
+    The per-image term is c_h(i) = -mean_j log <p_h(i), p_h(j)> over image i's mined neighbours j; the moments are
+    (mean [H], second moments E_i[c_h(i) c_g(i)] [H, H], images N), or None without `moments`.
     """
     heads, num, _ = logits.shape
     k = np.shape(neighbors)[1]
     consistency_sum = torch.zeros(heads, dtype=torch.float64)
-    prob_sum = None
-    for anchors, partners in _anchor_chunks(logits, neighbors, chunk):
-        _, consistency, _ = kernels.scan_loss(anchors.repeat_interleave(k, dim=1), partners, 0.0)
-        consistency_sum += consistency.double() * partners.shape[1]
-        probs = torch.softmax(anchors, dim=-1).double().sum(dim=1)
-        prob_sum = probs if prob_sum is None else prob_sum + probs
-    pbar = prob_sum / num
-    entropy = -(pbar * torch.log(pbar.clamp_min(eps))).sum(dim=-1)
-    return (consistency_sum / (num * k) - float(entropy_weight) * entropy).float()
-
-
-def consistency_moments(logits, neighbors, chunk: int | None = None,
-                        eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray, int]:
-    """Each head's consistency term per evaluation image, c_h(i) = -mean_j log <p_h(i), p_h(j)> over image i's
-    mined neighbours j, summarised as (mean [H], second moments E_i[c_h(i) c_g(i)] [H, H], images N): what the
-    standard error of two heads' paired loss difference needs, in one pass and O(H^2) memory whatever N."""
-    heads, num, _ = logits.shape
-    k = np.shape(neighbors)[1]
+    prob_sum = torch.zeros(heads, logits.shape[2], dtype=torch.float64)
     total = torch.zeros(heads, dtype=torch.float64)
     second = torch.zeros(heads, heads, dtype=torch.float64)
     for anchors, partners in _anchor_chunks(logits, neighbors, chunk):
-        p_partners = torch.softmax(partners, dim=-1).view(heads, anchors.shape[1], k, -1)  # [H, n, k, C]
-        dots = torch.matmul(p_partners, torch.softmax(anchors, dim=-1).unsqueeze(-1)).squeeze(-1)  # [H, n, k]
-        per_image = -torch.log(dots.clamp_min(eps)).double().mean(dim=2)  # [H, n]
-        total += per_image.sum(dim=1)
-        second += per_image @ per_image.T
-    return (total / num).numpy(), (second / num).numpy(), num
+        _, consistency, _ = kernels.scan_loss(anchors.repeat_interleave(k, dim=1), partners, 0.0)
+        consistency_sum += consistency.double() * partners.shape[1]
+        p_anchors = torch.softmax(anchors, dim=-1)
+        prob_sum += p_anchors.double().sum(dim=1)
+        if moments:
+            p_partners = torch.softmax(partners, dim=-1).view(heads, anchors.shape[1], k, -1)  # [H, n, k, C]
+            dots = torch.matmul(p_partners, p_anchors.unsqueeze(-1)).squeeze(-1)  # [H, n, k]
+            per_image = -torch.log(dots.clamp_min(eps)).double().mean(dim=2)  # [H, n]
+            total += per_image.sum(dim=1)
+            second += per_image @ per_image.T
+    pbar = prob_sum / num
+    entropy = -(pbar * torch.log(pbar.clamp_min(eps))).sum(dim=-1)
+    losses = (consistency_sum / (num * k) - float(entropy_weight) * entropy).float()
+    return losses, ((total / num).numpy(), (second / num).numpy(), num) if moments else None
+
+
+def selection_losses(logits, neighbors, entropy_weight: float, chunk: int | None = None) -> torch.Tensor:
+    """The per-head selection losses alone (`selection_statistics` without the moments): the loss rule's scores."""
+    return selection_statistics(logits, neighbors, entropy_weight, chunk, moments=False)[0]
+
+
+def consistency_moments(logits, neighbors, chunk: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
+    """The per-image consistency terms' moments alone (`selection_statistics`'s second result)."""
+    return selection_statistics(logits, neighbors, 0.0, chunk)[1]
 
 
 def paired_standard_errors(moments: tuple[np.ndarray, np.ndarray, int], reference: int) -> np.ndarray:
@@ -146,13 +150,13 @@ def run(cfg, ctx, config_hash: str) -> dict:
     require_finite(np.load(ctx.stage_dir("scan") / EVAL_LOGITS, mmap_mode="r"), "scan: the heads' evaluation logits",
                    f"the SCAN training diverged: lower scan.lr={s.lr} and rerun")
     eval_neighbors = np.load(ctx.run_dir / "mine" / "eval_neighbors.npy", mmap_mode="r")
-    losses = selection_losses(eval_logits, eval_neighbors, s.select_entropy_weight)
+    losses, moments = selection_statistics(eval_logits, eval_neighbors, s.select_entropy_weight)
     loss_head = int(torch.argmin(losses))
     by_loss = s.ensemble_rank == "loss"
     members, perms, agreement = head_consensus.ensemble(eval_logits, cfg.num_clusters, s.ensemble_size,
                                                         losses=losses.numpy() if by_loss else None)
     consensus_head = int(np.argmax(agreement))  # the medoid: the head that agrees most with the others
-    errors = paired_standard_errors(consistency_moments(eval_logits, eval_neighbors), loss_head)
+    errors = paired_standard_errors(moments, loss_head)
     tie_head, tie = head_consensus.tie_break(losses.numpy(), errors, agreement, s.tie_z)
     best = {"loss": loss_head, "consensus": consensus_head, "ensemble": members[0], "tie": tie_head}[s.select]
     handed_on = members if s.select == "ensemble" else [best]
