@@ -22,6 +22,14 @@ default `scan.tie_z` (2), in loss order. One JSON line per run, then a summary l
 the best head, the worst run, the same under noise, the flip rate). Labels are read here, for the diagnostic
 only; nothing is written into the runs.
 
+The tie rule's standard errors count only the consistency term's sampling error: the entropy term is a function of
+the set's mean prediction, not a mean over images. Its sampling error is not zero, though; linearised (the delta
+method), image i adds -(log p̄_h + 1) · p_h(i) to head h's entropy. Each row also gives, for the three heads of
+lowest loss after the reference (`nearest_heads`), the paired standard error without and with that term, at the
+run's `scan.select_entropy_weight` (`nearest_errors`, `nearest_errors_with_entropy`), and both z values (`nearest_z`,
+`nearest_z_with_entropy`): where the two z's lie on the same side of `scan.tie_z`, leaving the term out changes no
+tie.
+
 Usage::
 
     python benchmarks/tie_selection.py runs/base/seed* runs/avx2/seed*          # a few seconds per run
@@ -34,6 +42,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -69,6 +78,26 @@ def rules(errors: np.ndarray, agreement: np.ndarray) -> dict:
     return out
 
 
+def per_image_terms(logits, neighbors, eps: float = 1e-8) -> tuple[np.ndarray, np.ndarray]:
+    """([H, N] consistency term c_h(i), [H, N] linearised entropy contribution e_h(i) = -(log p̄_h + 1) · p_h(i)),
+    in float64; the whole set in memory (a diagnostic for evaluation sets of the demo's size)."""
+    logits = np.asarray(logits, dtype=np.float64)
+    probs = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    neighbors = np.asarray(neighbors)
+    consistency = np.mean([-np.log(np.maximum((probs * probs[:, neighbors[:, j]]).sum(-1), eps))
+                           for j in range(neighbors.shape[1])], axis=0)
+    mean_prob = probs.mean(axis=1, keepdims=True)
+    entropy = -((np.log(np.maximum(mean_prob, eps)) + 1) * probs).sum(-1)
+    return consistency, entropy
+
+
+def errors_with_entropy(consistency: np.ndarray, entropy: np.ndarray, reference: int, weight: float) -> np.ndarray:
+    """[H] standard error of the paired difference of the linearised per-image selection loss c - weight · e."""
+    loss = consistency - weight * entropy
+    return (loss - loss[reference]).std(axis=1) / np.sqrt(loss.shape[1])
+
+
 def measure(run: Path, noise: float, seed: int = 0) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     losses = np.asarray(metrics["stages"]["scan"]["selection_losses"], dtype=np.float64)
@@ -82,6 +111,15 @@ def measure(run: Path, noise: float, seed: int = 0) -> dict:
     row = {"run": str(run), "best": round(float(acc.max()), 2), "median": round(float(np.median(acc)), 2),
            "lowest_errors": [round(float(v), 4) for v in np.sort(errors[np.argmin(losses)])[1:4]],
            "tie": head_consensus.tie_break(losses, errors[np.argmin(losses)], agreement, DEFAULT_Z)[1]}
+    reference, nearest = int(np.argmin(losses)), np.argsort(losses, kind="stable")[1:4]
+    weight = float((yaml_config(run).get("scan") or {}).get("select_entropy_weight", 1.0))
+    with_entropy = errors_with_entropy(*per_image_terms(logits, neighbors), reference, weight)
+    gaps = losses[nearest] - losses[reference]
+    row.update({"nearest_heads": [int(h) for h in nearest],
+                "nearest_errors": [round(float(v), 4) for v in errors[reference][nearest]],
+                "nearest_errors_with_entropy": [round(float(v), 4) for v in with_entropy[nearest]],
+                "nearest_z": [round(float(v), 2) for v in gaps / errors[reference][nearest]],
+                "nearest_z_with_entropy": [round(float(v), 2) for v in gaps / with_entropy[nearest]]})
     for name, pick in rules(errors, agreement).items():
         head = pick(losses)
         noisy = np.array([pick(losses + s) for s in shifts])
@@ -89,6 +127,12 @@ def measure(run: Path, noise: float, seed: int = 0) -> dict:
                      "acc_noisy": round(float(acc[noisy].mean()), 2),
                      "flips": round(float((noisy != head).mean()), 3)}
     return row
+
+
+def yaml_config(run: Path) -> dict:
+    """The run's config.yaml as a dict ({} where a fabricated run has none)."""
+    path = run / "config.yaml"
+    return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
 def summary(rows: list[dict]) -> dict:

@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks import tie_selection
 from fake_heads import noisy_head
+from scan_dist.stages.scan import consistency_moments, paired_standard_errors
 
 
 def _fake_run(tmp_path, losses, accs, noise=(0.45, 0.05, 0.4)):
@@ -52,3 +53,27 @@ def test_an_unfinished_run_is_named(tmp_path):
     (tmp_path / "run").mkdir()
     with pytest.raises(SystemExit, match="run: not a finished run"):
         tie_selection.main([str(tmp_path / "run")])
+
+
+def test_the_entropy_terms_error_is_the_bootstrap_error_of_the_selection_loss():
+    """The linearised error of a paired selection-loss difference (consistency and entropy) matches the spread of
+    that difference over resampled evaluation sets; with the entropy weight 0 it is the SCAN stage's error."""
+    rng = np.random.default_rng(3)
+    classes, num = 4, 3000
+    truth = rng.choice(classes, num, p=[0.4, 0.3, 0.2, 0.1])  # unequal clusters: the entropy term varies
+    logits = np.stack([noisy_head(truth, n, classes, rng) for n in (0.3, 0.5)]).astype(np.float64)  # [H, N, C]
+    neighbors = np.stack([rng.permutation(num) for _ in range(3)], axis=1)
+    consistency, entropy = tie_selection.per_image_terms(logits, neighbors)
+    stage = paired_standard_errors(consistency_moments(logits.astype(np.float32), neighbors), 0)
+    np.testing.assert_allclose(tie_selection.errors_with_entropy(consistency, entropy, 0, 0.0), stage, rtol=1e-4)
+
+    probs = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+    weight, diffs = 5.0, []
+    for _ in range(400):
+        pick = rng.integers(0, num, num)
+        mean_prob = probs[:, pick].mean(1)
+        loss = consistency[:, pick].mean(1) + weight * (mean_prob * np.log(mean_prob)).sum(-1)
+        diffs.append(loss[1] - loss[0])
+    linearised = tie_selection.errors_with_entropy(consistency, entropy, 0, weight)[1]
+    assert abs(linearised / np.std(diffs) - 1) < 0.15
+    assert abs(linearised / stage[1] - 1) > 0.05  # the entropy term does move the error here
