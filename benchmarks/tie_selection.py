@@ -30,6 +30,12 @@ run's `scan.select_entropy_weight` (`nearest_errors`, `nearest_errors_with_entro
 `nearest_z_with_entropy`): where the two z's lie on the same side of `scan.tie_z`, leaving the term out changes no
 tie.
 
+`tie_ensemble_acc`: the accuracy of the default tie's heads averaged (each relabelled onto the lowest-loss head's
+clusters by Hungarian matching, probabilities averaged, as `scan.select=ensemble` does), the clustering that
+`scan.select=ensemble scan.ensemble_rank=loss scan.ensemble_size=<the tie's size>` would hand on where the tie is
+the lowest-loss heads (it is on every demo run measured). It reads the evaluation labels with the stages' own
+reader (benchmarks/posthoc_checks.py `evaluation_targets`).
+
 Usage::
 
     python benchmarks/tie_selection.py runs/base/seed* runs/avx2/seed*          # a few seconds per run
@@ -47,7 +53,9 @@ import yaml
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.posthoc_checks import evaluation_targets  # noqa: E402
 from scan_dist import head_consensus  # noqa: E402
+from scan_dist.metrics import cluster_metrics  # noqa: E402
 from scan_dist.stages.scan import consistency_moments, paired_standard_errors  # noqa: E402
 
 Z_VALUES = (1.0, 1.5, 2.0, 3.0)
@@ -98,13 +106,22 @@ def errors_with_entropy(consistency: np.ndarray, entropy: np.ndarray, reference:
     return (loss - loss[reference]).std(axis=1) / np.sqrt(loss.shape[1])
 
 
-def measure(run: Path, noise: float, seed: int = 0) -> dict:
+def tie_ensemble_accuracy(logits, assignments: np.ndarray, tie: list[int], targets) -> float:
+    """ACC (percent) of the tie's heads relabelled onto tie[0]'s clusters and averaged."""
+    classes = logits.shape[2]
+    perms = np.stack([head_consensus.alignment(assignments[tie[0]], assignments[h], classes) for h in tie])
+    predictions = head_consensus.ensemble_log_probs(logits, tie, perms).argmax(axis=1)
+    return round(100 * cluster_metrics(targets, predictions)["acc"], 2)
+
+
+def measure(run: Path, noise: float, seed: int = 0, targets=None) -> dict:
     metrics = json.loads((run / "metrics.json").read_text())
     losses = np.asarray(metrics["stages"]["scan"]["selection_losses"], dtype=np.float64)
     acc = 100 * np.asarray(metrics["stages"]["evaluate"]["scan_heads"]["acc_per_head"], dtype=np.float64)
     logits = np.swapaxes(np.load(run / "scan" / "eval_logits.npy", mmap_mode="r"), 0, 1)  # [H, N, C]
     neighbors = np.load(run / "mine" / "eval_neighbors.npy", mmap_mode="r")
-    agreement, _ = head_consensus.consensus_scores(head_consensus.hard_assignments(logits), logits.shape[2])
+    assignments = head_consensus.hard_assignments(logits)
+    agreement, _ = head_consensus.consensus_scores(assignments, logits.shape[2])
     moments = consistency_moments(logits, neighbors)
     errors = np.stack([paired_standard_errors(moments, r) for r in range(len(losses))])
     shifts = np.random.default_rng(seed).normal(0.0, noise, size=(NOISE_DRAWS, len(losses)))
@@ -120,6 +137,8 @@ def measure(run: Path, noise: float, seed: int = 0) -> dict:
                 "nearest_errors_with_entropy": [round(float(v), 4) for v in with_entropy[nearest]],
                 "nearest_z": [round(float(v), 2) for v in gaps / errors[reference][nearest]],
                 "nearest_z_with_entropy": [round(float(v), 2) for v in gaps / with_entropy[nearest]]})
+    if targets is not None:
+        row["tie_ensemble_acc"] = tie_ensemble_accuracy(logits, assignments, row["tie"], targets)
     for name, pick in rules(errors, agreement).items():
         head = pick(losses)
         noisy = np.array([pick(losses + s) for s in shifts])
@@ -159,7 +178,7 @@ def main(argv: list[str] | None = None) -> None:
         missing = [p for p in needed if not (run / p).exists()]
         if missing:
             raise SystemExit(f"{run}: not a finished run ({', '.join(missing)} missing)")
-        rows.append(measure(run, args.noise))
+        rows.append(measure(run, args.noise, targets=evaluation_targets(run, required=("config.yaml",))))
     lines = [json.dumps(r) for r in rows] + [json.dumps({"summary": summary(rows)})]
     print("\n".join(lines))
     if args.out:

@@ -6,6 +6,7 @@ import pytest
 
 from benchmarks import tie_selection
 from fake_heads import noisy_head
+from scan_dist.metrics import cluster_metrics
 from scan_dist.stages.scan import consistency_moments, paired_standard_errors
 
 
@@ -30,7 +31,8 @@ def _fake_run(tmp_path, losses, accs, noise=(0.45, 0.05, 0.4)):
 def test_a_near_tie_goes_to_the_most_agreeing_head_and_no_noise_flips_it(tmp_path):
     # head 0 lowest by 0.0001 (a last-bit gap), head 1 the cleanest clustering, head 2 far above in loss
     run = _fake_run(tmp_path, losses=[-2.0, -1.9999, -1.0], accs=[0.6, 0.9, 0.7])
-    row = tie_selection.measure(run, noise=0.0003)
+    truth = np.random.default_rng(0).integers(0, 4, 2000)  # _fake_run's draw
+    row = tie_selection.measure(run, noise=0.0003, targets=truth)
     assert row["best"] == 90.0 and row["loss"]["head"] == 0 and row["loss"]["acc"] == 60.0 and row["tie"] == [0, 1]
     assert 0.2 < row["loss"]["flips"] < 0.8  # the loss rule's pick is a coin under noise of that size
     for rule in ("tie@1", "tie@2", "eps@0.005", "top@3"):
@@ -38,14 +40,21 @@ def test_a_near_tie_goes_to_the_most_agreeing_head_and_no_noise_flips_it(tmp_pat
     # the paired errors of differing heads: positive, and far below head 2's gap of 1.0
     errors = np.asarray(row["lowest_errors"])
     assert (errors > 0).all() and (errors < 0.5).all()
+    # the two tied heads averaged: at least as right as the noisier one alone (45 % of its rows moved at random)
+    noisier = np.load(run / "scan" / "eval_logits.npy")[:, 0].argmax(axis=1)
+    assert row["tie_ensemble_acc"] >= round(100 * cluster_metrics(truth, noisier)["acc"], 2)
     summary = tie_selection.summary([row])
     assert summary["loss"]["below_best"] == 30.0 and summary["tie@2"]["below_best"] == 0.0
 
 
 def test_a_clear_loss_gap_keeps_the_lowest_loss_head(tmp_path):
     run = _fake_run(tmp_path, losses=[-2.0, -1.5, -1.0], accs=[0.6, 0.9, 0.7])
-    row = tie_selection.measure(run, noise=0.0003)
+    truth = np.random.default_rng(0).integers(0, 4, 2000)  # _fake_run's draw
+    row = tie_selection.measure(run, noise=0.0003, targets=truth)
     assert row["tie@2"]["head"] == row["loss"]["head"] == 0 and row["tie@2"]["flips"] == 0.0
+    # a tie of one head: its "ensemble" is that head's own clustering, scored against the labels
+    own = np.load(run / "scan" / "eval_logits.npy")[:, 0].argmax(axis=1)
+    assert row["tie"] == [0] and row["tie_ensemble_acc"] == round(100 * cluster_metrics(truth, own)["acc"], 2)
     assert row["top@3"]["head"] == 1  # top@k ignores the gap: what the tie rule is built not to do
 
 
