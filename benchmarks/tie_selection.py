@@ -48,13 +48,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import yaml
 
 if __package__ in (None, ""):  # run as a script: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.posthoc_checks import evaluation_targets  # noqa: E402
 from scan_dist import head_consensus  # noqa: E402
+from scan_dist.config import load_config  # noqa: E402
 from scan_dist.metrics import cluster_metrics  # noqa: E402
 from scan_dist.stages.scan import consistency_moments, paired_standard_errors  # noqa: E402
 
@@ -129,7 +129,8 @@ def measure(run: Path, noise: float, seed: int = 0, targets=None) -> dict:
            "lowest_errors": [round(float(v), 4) for v in np.sort(errors[np.argmin(losses)])[1:4]],
            "tie": head_consensus.tie_break(losses, errors[np.argmin(losses)], agreement, DEFAULT_Z)[1]}
     reference, nearest = int(np.argmin(losses)), np.argsort(losses, kind="stable")[1:4]
-    weight = float((yaml_config(run).get("scan") or {}).get("select_entropy_weight", 1.0))
+    config = run / "config.yaml"  # a fabricated run has none: the default weight
+    weight = load_config(str(config)).scan.select_entropy_weight if config.exists() else 1.0
     with_entropy = errors_with_entropy(*per_image_terms(logits, neighbors), reference, weight)
     gaps = losses[nearest] - losses[reference]
     row.update({"nearest_heads": [int(h) for h in nearest],
@@ -146,12 +147,6 @@ def measure(run: Path, noise: float, seed: int = 0, targets=None) -> dict:
                      "acc_noisy": round(float(acc[noisy].mean()), 2),
                      "flips": round(float((noisy != head).mean()), 3)}
     return row
-
-
-def yaml_config(run: Path) -> dict:
-    """The run's config.yaml as a dict ({} where a fabricated run has none)."""
-    path = run / "config.yaml"
-    return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
 def summary(rows: list[dict]) -> dict:

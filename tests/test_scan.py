@@ -76,7 +76,6 @@ def test_paired_standard_errors_equal_those_of_the_per_image_differences():
         assert errors[reference] == 0.0
 
 
-
 def test_one_pass_gives_the_loss_rules_losses_and_the_moments_of_separate_passes():
     """The SCAN stage reads the evaluation logits once for both (selection_statistics): its losses must be the loss
     rule's to the bit (a finished run's head must not change) and its moments those of a pass of their own."""
