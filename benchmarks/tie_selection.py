@@ -31,9 +31,9 @@ run's `scan.select_entropy_weight` (`nearest_errors`, `nearest_errors_with_entro
 tie.
 
 `tie_ensemble_acc`: the accuracy of the default tie's heads averaged (each relabelled onto the lowest-loss head's
-clusters by Hungarian matching, probabilities averaged, as `scan.select=ensemble` does), the clustering that
-`scan.select=ensemble scan.ensemble_rank=loss scan.ensemble_size=<the tie's size>` would hand on where the tie is
-the lowest-loss heads (it is on every demo run measured). It reads the evaluation labels with the stages' own
+clusters by Hungarian matching, probabilities averaged), the clustering `scan.select=ensemble
+scan.ensemble_rank=tie` hands on (the same as `scan.ensemble_rank=loss scan.ensemble_size=<the tie's size>` where
+the tie is the lowest-loss heads, as on every demo run measured). It reads the evaluation labels with the stages' own
 reader (benchmarks/posthoc_checks.py `evaluation_targets`).
 
 Usage::
@@ -106,11 +106,11 @@ def errors_with_entropy(consistency: np.ndarray, entropy: np.ndarray, reference:
     return (loss - loss[reference]).std(axis=1) / np.sqrt(loss.shape[1])
 
 
-def tie_ensemble_accuracy(logits, assignments: np.ndarray, tie: list[int], targets) -> float:
-    """ACC (percent) of the tie's heads relabelled onto tie[0]'s clusters and averaged."""
-    classes = logits.shape[2]
-    perms = np.stack([head_consensus.alignment(assignments[tie[0]], assignments[h], classes) for h in tie])
-    predictions = head_consensus.ensemble_log_probs(logits, tie, perms).argmax(axis=1)
+def tie_ensemble_accuracy(logits, agreement: np.ndarray, tie: list[int], targets) -> float:
+    """ACC (percent) of the tie's usable heads relabelled onto tie[0]'s clusters and averaged: the stage's own
+    `scan.ensemble_rank=tie` members (head_consensus.tie_ensemble)."""
+    members, perms = head_consensus.tie_ensemble(logits, logits.shape[2], tie, agreement)
+    predictions = head_consensus.ensemble_log_probs(logits, members, perms).argmax(axis=1)
     return round(100 * cluster_metrics(targets, predictions)["acc"], 2)
 
 
@@ -139,7 +139,7 @@ def measure(run: Path, noise: float, seed: int = 0, targets=None) -> dict:
                 "nearest_z": [round(float(v), 2) for v in gaps / errors[reference][nearest]],
                 "nearest_z_with_entropy": [round(float(v), 2) for v in gaps / with_entropy[nearest]]})
     if targets is not None:
-        row["tie_ensemble_acc"] = tie_ensemble_accuracy(logits, assignments, row["tie"], targets)
+        row["tie_ensemble_acc"] = tie_ensemble_accuracy(logits, agreement, row["tie"], targets)
     for name, pick in rules(errors, agreement).items():
         head = pick(losses)
         noisy = np.array([pick(losses + s) for s in shifts])

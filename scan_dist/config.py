@@ -118,9 +118,11 @@ class ScanConfig:
     #                        (the ensemble_size most agreeing heads, aligned and averaged; see head_consensus.py) |
     #                        tie (of the heads whose loss the evaluation images cannot tell from the lowest, within
     #                        tie_z paired standard errors, the one that agrees most with the other heads)
-    ensemble_size: int = 10  # heads averaged by select=ensemble (at most num_heads; degenerate heads never join)
+    ensemble_size: int = 10  # heads averaged by select=ensemble (at most num_heads; degenerate heads never join;
+    #                          not used with ensemble_rank=tie, whose tie sets the size)
     ensemble_rank: str = "agreement"  # which heads select=ensemble averages: agreement (the most agreeing, onto the
-    #                                    medoid's clusters) | loss (the lowest selection losses, onto the lowest's)
+    #                                    medoid's clusters) | loss (the lowest selection losses, onto the lowest's) |
+    #                                    tie (select=tie's tie, onto its lowest-loss head)
     select_entropy_weight: float = 1.0  # weight of the entropy in the head-selection loss (paper: 1)
     tie_z: float = 2.0  # select=tie: a head ties with the lowest-loss one when its loss is within tie_z standard
     #                      errors of their paired per-image difference (0: only equal losses tie, the loss rule)
@@ -247,7 +249,7 @@ _CHOICES = {
     "scan.loss_backend": ("auto", "triton", "torch"),
     "scan.view": ("simclr", "strong", "weak", "eval"),
     "scan.select": ("consensus", "loss", "ensemble", "tie"),
-    "scan.ensemble_rank": ("agreement", "loss"),
+    "scan.ensemble_rank": ("agreement", "loss", "tie"),
     "selflabel.optimizer": ("sgd", "adam"),
     "selflabel.mode": ("full", "cached"),
     "selflabel.view": ("strong", "simclr", "weak"),

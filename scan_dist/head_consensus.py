@@ -17,7 +17,8 @@ every member; on the demo they are only partly so: over six head populations the
 2.1 points above and 0.75 below the medoid, +0.3 on average (benchmarks/results/accuracy_history.md, second
 pass), so the demo does not hand on an ensemble (it keeps the lowest-loss head:
 benchmarks/results/accuracy_history.md, third pass). `scan.ensemble_rank=loss` averages the lowest-loss heads
-instead of the most agreeing ones (README's lever table has what it measured).
+instead of the most agreeing ones, and `scan.ensemble_rank=tie` the heads of `scan.select=tie`'s tie (below)
+(README's lever table has what each measured).
 
 `scan.select=tie` (`tie_break`) uses agreement only where the loss cannot decide: among the heads whose SCAN loss
 the evaluation images cannot tell from the lowest one's.
@@ -31,13 +32,20 @@ from . import metrics
 MAX_ROWS = 20000
 
 
-def hard_assignments(logits, max_rows: int = MAX_ROWS, chunk: int = 4096) -> np.ndarray:
-    """argmax cluster [H, n] of every head on at most max_rows evenly spaced rows of `logits` ([H, N, C], may be
-    a memory-mapped view); read a chunk of rows at a time."""
-    heads, num, _ = logits.shape
+def hard_assignments(logits, max_rows: int = MAX_ROWS, chunk: int = 4096, heads: list[int] | None = None
+                     ) -> np.ndarray:
+    """argmax cluster [H, n] of every head (or of `heads`, in that order) on at most max_rows evenly spaced rows of
+    `logits` ([H, N, C], may be a memory-mapped view); read a chunk of rows at a time."""
+    num = logits.shape[1]
     rows = np.linspace(0, num - 1, min(num, max_rows)).round().astype(np.int64)
     rows = np.unique(rows)
-    parts = [np.asarray(logits[:, rows[i:i + chunk]]).argmax(axis=2) for i in range(0, len(rows), chunk)]
+
+    def read(part):
+        if heads is None:
+            return np.asarray(logits[:, part])
+        return np.stack([np.asarray(logits[h, part]) for h in heads])  # only the chosen heads' rows
+
+    parts = [read(rows[i:i + chunk]).argmax(axis=2) for i in range(0, len(rows), chunk)]
     return np.concatenate(parts, axis=1).astype(np.int64)
 
 
@@ -98,8 +106,20 @@ def ensemble(logits, classes: int, size: int, max_rows: int = MAX_ROWS,
     mean, usable = consensus_scores(assignments, classes)
     order = np.argsort(-mean, kind="stable") if losses is None else np.argsort(np.asarray(losses), kind="stable")
     members = [int(h) for h in order if usable[h]][:max(1, size)]
-    perms = np.stack([alignment(assignments[members[0]], assignments[h], classes) for h in members])
-    return members, perms, mean
+    return members, _perms_onto_first(assignments[members], classes), mean
+
+
+def _perms_onto_first(assignments: np.ndarray, classes: int) -> np.ndarray:
+    return np.stack([alignment(assignments[0], a, classes) for a in assignments])
+
+
+def tie_ensemble(logits, classes: int, tie: list[int], agreement, max_rows: int = MAX_ROWS
+                 ) -> tuple[list[int], np.ndarray]:
+    """(members, perms [m, C]) for `scan.ensemble_rank=tie`: the usable heads of the tie (`tie_break`'s list, in
+    loss order), each relabelled onto the first one's clusters; the lowest-loss head alone if none is usable.
+    Only the members' rows are read."""
+    members = [int(h) for h in tie if agreement[h] > -1] or [int(tie[0])]
+    return members, _perms_onto_first(hard_assignments(logits, max_rows, heads=members), classes)
 
 
 def ensemble_log_probs(logits: np.ndarray, members: list[int], perms: np.ndarray) -> np.ndarray:

@@ -188,8 +188,10 @@ def plan_memory(cfg: Config, world: int, tasks_per_node: int, gpu: bool) -> dict
     stages.append(StagePlan("scan", scan_items))
 
     if cfg.selflabel.enabled:
-        # Self-labelling trains what the SCAN stage handed on: one head, or scan.ensemble_size of them.
-        kept = min(cfg.scan.ensemble_size, heads) if cfg.scan.select == "ensemble" else 1
+        # Self-labelling trains what the SCAN stage handed on: one head, or scan.ensemble_size of them (a tie may
+        # hold every head: its size is known only once the heads are trained).
+        size = heads if cfg.scan.ensemble_rank == "tie" else cfg.scan.ensemble_size
+        kept = min(size, heads) if cfg.scan.select == "ensemble" else 1
         head_params = model["head_params"] // heads * kept
         if cfg.selflabel.mode == "cached":
             sl_items = [Item(f"feature cache ({cfg.selflabel.cached_views + 1} views, fp16)",

@@ -52,6 +52,10 @@ def test_self_labelling_plans_for_what_the_scan_stage_hands_on():
     d = build_backbone("cnn_small", 1, 16).out_dim  # the plan sizes heads on the backbone's features
     head_gb = (d * 4096 + 4096 + 4096 * 10 + 10) * 4 / 1e9
     assert abs((ten - one) - 2 * 9 * head_gb) < 1e-3, (one, ten, head_gb)  # weights + EMA copy of 9 more heads
+    # a tie's size is known only after training: planned for every head, whatever scan.ensemble_size says
+    tied = weights_gb("scan.select=ensemble", "scan.ensemble_rank=tie", "scan.ensemble_size=2")
+    heads = load_config("demo").scan.num_heads
+    assert abs((tied - one) - 2 * (heads - 1) * head_gb) < 1e-3, (one, tied, heads)
 
 
 def test_embed_plans_for_the_layer_it_writes():

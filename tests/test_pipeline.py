@@ -219,11 +219,12 @@ def test_smoke_head_mode(tmp_path, fashion_mnist, overrides):
     assert metrics["acc"] > 0.2 and metrics["stages"]["scan"]["best_head"] in range(3)
 
 
-@pytest.mark.parametrize("rank", ["agreement", "loss"])
+@pytest.mark.parametrize("rank", ["agreement", "loss", "tie"])
 def test_the_ensemble_handed_on_is_the_one_scored(tmp_path, fashion_mnist, rank):
     """scan.select=ensemble: the model the later stages load (members' last layers reordered, outputs averaged)
     predicts exactly what the ensemble of the stored evaluation logits predicts, and is what gets scored; its
-    members are the most agreeing heads, or (scan.ensemble_rank=loss) those of lowest selection loss."""
+    members are the most agreeing heads, or (scan.ensemble_rank=loss) those of lowest selection loss, or
+    (scan.ensemble_rank=tie) the tie's usable heads, whatever scan.ensemble_size says."""
     import numpy as np
     import torch
 
@@ -237,8 +238,13 @@ def test_the_ensemble_handed_on_is_the_one_scored(tmp_path, fashion_mnist, rank)
     scan, heads = metrics["stages"]["scan"], metrics["stages"]["evaluate"]["scan_heads"]
     ranking = (np.argsort(scan["selection_losses"], kind="stable") if rank == "loss"
                else np.argsort(-np.asarray(scan["head_agreement"]), kind="stable"))
-    assert scan["ensemble"] == ranking[:3].tolist() and scan["best_head"] == scan["ensemble"][0]
-    assert scan["ensemble"][0] == (scan["loss_head"] if rank == "loss" else scan["consensus_head"])
+    if rank == "tie":
+        usable = [h for h in scan["tie"] if scan["head_agreement"][h] > -1]
+        assert scan["ensemble"] == (usable or [scan["loss_head"]]) and scan["best_head"] == scan["ensemble"][0]
+        assert scan["tie"][0] == scan["loss_head"]
+    else:
+        assert scan["ensemble"] == ranking[:3].tolist() and scan["best_head"] == scan["ensemble"][0]
+        assert scan["ensemble"][0] == (scan["loss_head"] if rank == "loss" else scan["consensus_head"])
     assert set(heads["acc_by_rule"]) == {"loss", "consensus", "tie", "ensemble"}
     saved = torch.load(run_dir / "scan" / "model.pt", weights_only=False)
     stored = np.load(run_dir / "scan" / "eval_logits.npy").transpose(1, 0, 2)

@@ -13,7 +13,7 @@ What is handed on is chosen without labels on the evaluation images (un-augmente
 head with the lowest SCAN loss over them and their own mined neighbours (the paper's rule), computed in chunks over
 a memory-mapped logits file; `scan.select=consensus` takes the head that agrees most with the other heads;
 `scan.select=ensemble` hands on the `scan.ensemble_size` most agreeing heads (`scan.ensemble_rank=loss`: those of
-lowest loss), relabelled onto the first one's clusters and averaged (see head_consensus.py); `scan.select=tie`
+lowest loss; `tie`: the tie below, whatever its size), relabelled onto the first one's clusters and averaged (see head_consensus.py); `scan.select=tie`
 takes, of the heads whose loss lies within `scan.tie_z` standard errors of the lowest (the error of the mean
 per-image difference of two heads' consistency terms, `paired_standard_errors`), the one that agrees most with the
 other heads (head_consensus.tie_break). Every rule's choice is logged and kept, whichever is used. With
@@ -133,6 +133,9 @@ def load_mined_space(cfg, ctx, space) -> None:
         space.set_pca(pca["mean"], pca["basis"], mean, std)
 
 
+RANK_WORDS = {"agreement": "most agreeing", "loss": "lowest-loss", "tie": "tied"}  # scan.ensemble_rank, in the log
+
+
 def run(cfg, ctx, config_hash: str) -> dict:
     s = cfg.scan
     model = ctx.prepare_model(build.cluster_model(cfg, ctx, s.num_heads))
@@ -158,14 +161,15 @@ def run(cfg, ctx, config_hash: str) -> dict:
     consensus_head = int(np.argmax(agreement))  # the medoid: the head that agrees most with the others
     errors = paired_standard_errors(moments, loss_head)
     tie_head, tie = head_consensus.tie_break(losses.numpy(), errors, agreement, s.tie_z)
+    if s.ensemble_rank == "tie":
+        members, perms = head_consensus.tie_ensemble(eval_logits, cfg.num_clusters, tie, agreement)
     best = {"loss": loss_head, "consensus": consensus_head, "ensemble": members[0], "tie": tie_head}[s.select]
     handed_on = members if s.select == "ensemble" else [best]
     ctx.log.info("scan: head selection losses %s -> head %d; mean agreement with the other heads %s -> head %d "
                  "(ensemble of the %d %s: %s); tied with head %d within %g standard errors (%s): %s -> head %d; "
                  "scan.select=%s hands on %s",
                  [round(float(v), 4) for v in losses], loss_head, [round(float(v), 3) for v in agreement],
-                 consensus_head, len(members), "lowest-loss" if by_loss else "most agreeing", members, loss_head,
-                 s.tie_z, [round(float(v), 4) for v in errors], tie, tie_head, s.select, handed_on)
+                 consensus_head, len(members), RANK_WORDS[s.ensemble_rank], members, loss_head, s.tie_z, [round(float(v), 4) for v in errors], tie, tie_head, s.select, handed_on)
     out = ctx.stage_dir("scan") / "model.pt"
     if ctx.is_main:
         save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist(),
