@@ -13,12 +13,12 @@ What is handed on is chosen without labels on the evaluation images (un-augmente
 head with the lowest SCAN loss over them and their own mined neighbours (the paper's rule), computed in chunks over
 a memory-mapped logits file; `scan.select=consensus` takes the head that agrees most with the other heads;
 `scan.select=ensemble` hands on the `scan.ensemble_size` most agreeing heads (`scan.ensemble_rank=loss`: those of
-lowest loss; `tie`: the tie below, whatever its size), relabelled onto the first one's clusters and averaged (see head_consensus.py); `scan.select=tie`
-takes, of the heads whose loss lies within `scan.tie_z` standard errors of the lowest (the error of the mean
-per-image difference of two heads' consistency terms, `paired_standard_errors`), the one that agrees most with the
-other heads (head_consensus.tie_break). Every rule's choice is logged and kept, whichever is used. With
-`scan.candidate_heads` (mode=head|cached) more heads start than are kept, and the loss rule screens them early
-(`screen_candidates`).
+lowest loss; `tie`: the tie below, whatever its size), relabelled onto the first one's clusters and averaged (see
+head_consensus.py); `scan.select=tie` takes, of the heads whose loss lies within `scan.tie_z` standard errors of the
+lowest (the error of the mean per-image difference of two heads' consistency terms, `paired_standard_errors`), the
+one that agrees most with the other heads (head_consensus.tie_break). Every rule's choice is logged and kept,
+whichever is used. With `scan.candidate_heads` (mode=head|cached) more heads start than are kept, and the loss rule
+screens them early (`screen_candidates`).
 """
 from __future__ import annotations
 
@@ -169,7 +169,8 @@ def run(cfg, ctx, config_hash: str) -> dict:
                  "(ensemble of the %d %s: %s); tied with head %d within %g standard errors (%s): %s -> head %d; "
                  "scan.select=%s hands on %s",
                  [round(float(v), 4) for v in losses], loss_head, [round(float(v), 3) for v in agreement],
-                 consensus_head, len(members), RANK_WORDS[s.ensemble_rank], members, loss_head, s.tie_z, [round(float(v), 4) for v in errors], tie, tie_head, s.select, handed_on)
+                 consensus_head, len(members), RANK_WORDS[s.ensemble_rank], members, loss_head, s.tie_z,
+                 [round(float(v), 4) for v in errors], tie, tie_head, s.select, handed_on)
     out = ctx.stage_dir("scan") / "model.pt"
     if ctx.is_main:
         save_torch(out, {"model": model.state_dict(), "best_head": best, "selection_losses": losses.tolist(),
