@@ -366,7 +366,7 @@ def _machines_md(runs: Sequence[Mapping[str, Any]]) -> list[str]:
                                                    for kind, labels in kinds.items()], "lrl")
     lines += ["", "These runs ran on more than one kind of machine. A seed repeats its digits only on one kind "
               "(processor and the instruction set torch's CPU kernels use, threads, torch build, GPU; "
-              "run.cpu_kernels=avx2 gives an AVX-512 processor an AVX2 one's digits): on another "
+              "run.cpu_kernels=avx2 gives an AVX-512 processor the digits of an AVX2 one of its vendor): on another "
               "it is another draw of the same distribution, so a Δ between runs of two kinds holds that draw too "
               "(the changes table's \"Same machine\" column counts the comparisons that do not). A setup that holds "
               "one seed on two kinds is split by kind: its runs on another kind than its first run's are named by "

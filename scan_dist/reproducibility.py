@@ -20,8 +20,10 @@ an AMD EPYC one (benchmarks/results/accuracy_history.md, seventh pass), with ide
 `run.cpu_kernels=avx2` removes the largest part of that: on x86 the kind that matters is the width of the kernels
 (AVX2 or AVX-512), and capped at AVX2 a processor with AVX-512 gives an AVX2 processor's digits (the demo's seed 0
 on an AVX-512 AMD EPYC, capped: 76.85 / SCAN stage 76.04, the digits of the AVX2-only AMD EPYC; uncapped 74.42 /
-72.78, twenty-sixth pass). Verified between AMD processors; on Intel ones MKL may pick other code paths (its own
-reproducibility mode, MKL_CBWR, fixes branches on Intel processors only).
+72.78, twenty-sixth pass). That holds between AMD processors only: on an Intel Xeon with AVX-512 and AMX, capped
+the same way, seed 0 ended 72.24 / SCAN stage 72.34 (twenty-ninth pass), its own draw. oneDNN sizes its blocking by
+the caches and MKL takes vendor-specific paths (its reproducibility mode, MKL_CBWR, fixes branches on Intel
+processors only), so the cap makes one kind of digits per vendor, not one for every x86 processor.
 """
 from __future__ import annotations
 
@@ -100,7 +102,7 @@ def cpu_kernels_note(choice: str) -> tuple[int, str] | None:
         return logging.WARNING, (f"run.cpu_kernels={choice}: the variables are set, but torch had picked its "
                                  f"{capability} kernels before they were; start a fresh process")
     return logging.INFO, (f"run.cpu_kernels={choice}: CPU kernels capped at {choice.upper()} (torch: {capability}; "
-                          "oneDNN and MKL too): the digits of a processor without wider ones")
+                          "oneDNN and MKL too): the digits of a processor of this vendor without wider ones")
 
 
 def cpu_model() -> str:
