@@ -21,9 +21,9 @@ an AMD EPYC one (benchmarks/results/accuracy_history.md, seventh pass), with ide
 (AVX2 or AVX-512), and capped at AVX2 a processor with AVX-512 gives an AVX2 processor's digits (the demo's seed 0
 on an AVX-512 AMD EPYC, capped: 76.85 / SCAN stage 76.04, the digits of the AVX2-only AMD EPYC; uncapped 74.42 /
 72.78, twenty-sixth pass). That holds between AMD processors only: on an Intel Xeon with AVX-512 and AMX, capped
-the same way, seed 0 ended 72.24 / SCAN stage 72.34 (twenty-ninth pass), its own draw. oneDNN sizes its blocking by
-the caches and MKL takes vendor-specific paths (its reproducibility mode, MKL_CBWR, fixes branches on Intel
-processors only), so the cap makes one kind of digits per vendor, not one for every x86 processor.
+the same way, seed 0 ended 72.24 / SCAN stage 72.34 (twenty-ninth pass), its own draw. Which library differs is not
+measured (oneDNN sizes some blocking by the caches; MKL may take vendor-specific paths, and its reproducibility mode,
+MKL_CBWR, fixes branches on Intel processors only), so count the cap as one kind of digits per vendor.
 """
 from __future__ import annotations
 
