@@ -106,10 +106,10 @@ def errors_with_entropy(consistency: np.ndarray, entropy: np.ndarray, reference:
     return (loss - loss[reference]).std(axis=1) / np.sqrt(loss.shape[1])
 
 
-def tie_ensemble_accuracy(logits, agreement: np.ndarray, tie: list[int], targets) -> float:
+def tie_ensemble_accuracy(logits, assignments: np.ndarray, agreement: np.ndarray, tie: list[int], targets) -> float:
     """ACC (percent) of the tie's usable heads relabelled onto tie[0]'s clusters and averaged: the stage's own
     `scan.ensemble_rank=tie` members (head_consensus.tie_ensemble)."""
-    members, perms = head_consensus.tie_ensemble(logits, logits.shape[2], tie, agreement)
+    members, perms = head_consensus.tie_ensemble(assignments, logits.shape[2], tie, agreement)
     predictions = head_consensus.ensemble_log_probs(logits, members, perms).argmax(axis=1)
     return round(100 * cluster_metrics(targets, predictions)["acc"], 2)
 
@@ -139,7 +139,7 @@ def measure(run: Path, noise: float, seed: int = 0, targets=None) -> dict:
                 "nearest_z": [round(float(v), 2) for v in gaps / errors[reference][nearest]],
                 "nearest_z_with_entropy": [round(float(v), 2) for v in gaps / with_entropy[nearest]]})
     if targets is not None:
-        row["tie_ensemble_acc"] = tie_ensemble_accuracy(logits, agreement, row["tie"], targets)
+        row["tie_ensemble_acc"] = tie_ensemble_accuracy(logits, assignments, agreement, row["tie"], targets)
     for name, pick in rules(errors, agreement).items():
         head = pick(losses)
         noisy = np.array([pick(losses + s) for s in shifts])

@@ -32,20 +32,13 @@ from . import metrics
 MAX_ROWS = 20000
 
 
-def hard_assignments(logits, max_rows: int = MAX_ROWS, chunk: int = 4096, heads: list[int] | None = None
-                     ) -> np.ndarray:
-    """argmax cluster [H, n] of every head (or of `heads`, in that order) on at most max_rows evenly spaced rows of
-    `logits` ([H, N, C], may be a memory-mapped view); read a chunk of rows at a time."""
-    num = logits.shape[1]
+def hard_assignments(logits, max_rows: int = MAX_ROWS, chunk: int = 4096) -> np.ndarray:
+    """argmax cluster [H, n] of every head on at most max_rows evenly spaced rows of `logits` ([H, N, C], may be
+    a memory-mapped view); read a chunk of rows at a time."""
+    heads, num, _ = logits.shape
     rows = np.linspace(0, num - 1, min(num, max_rows)).round().astype(np.int64)
     rows = np.unique(rows)
-
-    def read(part):
-        if heads is None:
-            return np.asarray(logits[:, part])
-        return np.stack([np.asarray(logits[h, part]) for h in heads])  # only the chosen heads' rows
-
-    parts = [read(rows[i:i + chunk]).argmax(axis=2) for i in range(0, len(rows), chunk)]
+    parts = [np.asarray(logits[:, rows[i:i + chunk]]).argmax(axis=2) for i in range(0, len(rows), chunk)]
     return np.concatenate(parts, axis=1).astype(np.int64)
 
 
@@ -96,13 +89,15 @@ def alignment(reference: np.ndarray, other: np.ndarray, classes: int) -> np.ndar
 
 
 def ensemble(logits, classes: int, size: int, max_rows: int = MAX_ROWS,
-             losses=None) -> tuple[list[int], np.ndarray, np.ndarray]:
+             losses=None, assignments: np.ndarray | None = None) -> tuple[list[int], np.ndarray, np.ndarray]:
     """(members, perms [m, C], every head's mean agreement) of the `size` usable heads that agree most with the
     others, for logits [H, N, C]. members[0] is the medoid (`scan.select=consensus`'s head); every member is
     relabelled onto its clusters (perms[i][c] = the medoid cluster of member i's cluster c). `ensemble_log_probs`
     averages them. Given per-head `losses` (`scan.ensemble_rank=loss`), the members are instead the `size` usable
-    heads of lowest loss, members[0] the lowest (`scan.select=loss`'s head, when it is usable)."""
-    assignments = hard_assignments(logits, max_rows)
+    heads of lowest loss, members[0] the lowest (`scan.select=loss`'s head, when it is usable). `assignments`:
+    the logits' hard_assignments, where the caller already has them (the logits are then not read)."""
+    if assignments is None:
+        assignments = hard_assignments(logits, max_rows)
     mean, usable = consensus_scores(assignments, classes)
     order = np.argsort(-mean, kind="stable") if losses is None else np.argsort(np.asarray(losses), kind="stable")
     members = [int(h) for h in order if usable[h]][:max(1, size)]
@@ -113,13 +108,12 @@ def _perms_onto_first(assignments: np.ndarray, classes: int) -> np.ndarray:
     return np.stack([alignment(assignments[0], a, classes) for a in assignments])
 
 
-def tie_ensemble(logits, classes: int, tie: list[int], agreement, max_rows: int = MAX_ROWS
-                 ) -> tuple[list[int], np.ndarray]:
-    """(members, perms [m, C]) for `scan.ensemble_rank=tie`: the usable heads of the tie (`tie_break`'s list, in
-    loss order), each relabelled onto the first one's clusters; the lowest-loss head alone if none is usable.
-    Only the members' rows are read."""
+def tie_ensemble(assignments: np.ndarray, classes: int, tie: list[int], agreement) -> tuple[list[int], np.ndarray]:
+    """(members, perms [m, C]) for `scan.ensemble_rank=tie`, from every head's hard_assignments: the usable heads of
+    the tie (`tie_break`'s list, in loss order), each relabelled onto the first one's clusters; the lowest-loss head
+    alone if none is usable."""
     members = [int(h) for h in tie if agreement[h] > -1] or [int(tie[0])]
-    return members, _perms_onto_first(hard_assignments(logits, max_rows, heads=members), classes)
+    return members, _perms_onto_first(assignments[members], classes)
 
 
 def ensemble_log_probs(logits: np.ndarray, members: list[int], perms: np.ndarray) -> np.ndarray:

@@ -116,19 +116,21 @@ def test_a_tie_ensemble_averages_the_usable_tied_heads_onto_the_lowest_losses_cl
     logits = np.stack([noisy_head(truth, 0.1, classes, rng) for _ in range(5)])
     logits[4] = logits[4][:, [3, 2, 0, 1]]  # head 4 numbers its clusters another way
     logits[1][:, 2] -= 100  # head 1 leaves cluster 2 empty
-    agreement = hc.consensus_scores(hc.hard_assignments(logits), classes)[0]
+    assignments = hc.hard_assignments(logits)
+    agreement = hc.consensus_scores(assignments, classes)[0]
     assert agreement[1] == -1 and (agreement[[0, 2, 3, 4]] > 0).all()
-    members, perms = hc.tie_ensemble(logits, classes, [4, 1, 0, 2], agreement)
+    members, perms = hc.tie_ensemble(assignments, classes, [4, 1, 0, 2], agreement)
     assert members == [4, 0, 2]
     assert perms[0].tolist() == [0, 1, 2, 3]
     a4 = logits[4].argmax(1)
     for member, perm in zip(members[1:], perms[1:]):
         a = logits[member].argmax(1)
         assert np.mean(perm[a] == a4) > 0.8 > 0.3 > np.mean(a == a4)
-    assert hc.tie_ensemble(logits, classes, [1], agreement)[0] == [1]
-    # the tie's rows only: the same assignments as reading every head and picking
-    assert (hc.hard_assignments(logits, max_rows=500, chunk=128, heads=[4, 0])
-            == hc.hard_assignments(logits, max_rows=500, chunk=128)[[4, 0]]).all()
+    assert hc.tie_ensemble(assignments, classes, [1], agreement)[0] == [1]
+    # the stage hands ensemble() the assignments it already read: the same members and perms as reading the logits
+    given = hc.ensemble(None, classes, size=3, assignments=assignments)
+    read = hc.ensemble(logits, classes, size=3)
+    assert given[0] == read[0] and (given[1] == read[1]).all() and (given[2] == read[2]).all()
 
 
 def test_a_tie_is_broken_by_agreement_and_a_clear_loss_gap_is_not_a_tie():

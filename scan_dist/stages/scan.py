@@ -156,13 +156,15 @@ def run(cfg, ctx, config_hash: str) -> dict:
     losses, moments = selection_statistics(eval_logits, eval_neighbors, s.select_entropy_weight)
     loss_head = int(torch.argmin(losses))
     by_loss = s.ensemble_rank == "loss"
+    assignments = head_consensus.hard_assignments(eval_logits)  # read once, for every rule below
     members, perms, agreement = head_consensus.ensemble(eval_logits, cfg.num_clusters, s.ensemble_size,
-                                                        losses=losses.numpy() if by_loss else None)
+                                                        losses=losses.numpy() if by_loss else None,
+                                                        assignments=assignments)
     consensus_head = int(np.argmax(agreement))  # the medoid: the head that agrees most with the others
     errors = paired_standard_errors(moments, loss_head)
     tie_head, tie = head_consensus.tie_break(losses.numpy(), errors, agreement, s.tie_z)
     if s.ensemble_rank == "tie":
-        members, perms = head_consensus.tie_ensemble(eval_logits, cfg.num_clusters, tie, agreement)
+        members, perms = head_consensus.tie_ensemble(assignments, cfg.num_clusters, tie, agreement)
     best = {"loss": loss_head, "consensus": consensus_head, "ensemble": members[0], "tie": tie_head}[s.select]
     handed_on = members if s.select == "ensemble" else [best]
     ctx.log.info("scan: head selection losses %s -> head %d; mean agreement with the other heads %s -> head %d "
