@@ -35,7 +35,7 @@ MAX_ROWS = 20000
 def hard_assignments(logits, max_rows: int = MAX_ROWS, chunk: int = 4096) -> np.ndarray:
     """argmax cluster [H, n] of every head on at most max_rows evenly spaced rows of `logits` ([H, N, C], may be
     a memory-mapped view); read a chunk of rows at a time."""
-    heads, num, _ = logits.shape
+    num = logits.shape[1]
     rows = np.linspace(0, num - 1, min(num, max_rows)).round().astype(np.int64)
     rows = np.unique(rows)
     parts = [np.asarray(logits[:, rows[i:i + chunk]]).argmax(axis=2) for i in range(0, len(rows), chunk)]
